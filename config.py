@@ -1,0 +1,94 @@
+"""Settings read from the environment (12-factor), with defaults that demo well.
+
+Every setting is listed in the README's settings table; `Settings.describe()` is what the
+server prints at start-up.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SystemExit(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < minimum:
+        raise SystemExit(f"{name}={raw} must be a finite number >= {minimum}")
+    return value
+
+
+def _env_green_mode(name: str = "PSYCOGREEN") -> str:
+    """'auto' (default), 'on' or 'off'. The original demo used PSYCOGREEN=true."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    raise SystemExit(f"{name}={raw!r}: use 1 (force on), 0 (off) or leave unset (auto)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: int
+    statement_timeout_ms: int
+    application_name: str
+    psycogreen: str
+    sleep_max_seconds: float
+    max_body_bytes: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            # One worker must hold `python loadtest.py 100` in one wave: 100 connections,
+            # fixed size (overflow connections are closed on return, which makes waves).
+            pool_size=_env_int("DB_POOL_SIZE", 100, minimum=1),
+            max_overflow=_env_int("DB_MAX_OVERFLOW", 0),
+            # Waiting longer than this for a connection answers 503 instead of hanging.
+            pool_timeout=_env_float("DB_POOL_TIMEOUT", 3.0),
+            pool_recycle=_env_int("DB_POOL_RECYCLE", 1800),
+            # Above SLEEP_MAX_SECONDS, so the longest allowed pg_sleep still answers.
+            statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT", 65_000),
+            application_name=os.environ.get("DB_APPLICATION_NAME") or "greenflask",
+            psycogreen=_env_green_mode(),
+            sleep_max_seconds=_env_float("SLEEP_MAX_SECONDS", 60.0),
+            max_body_bytes=_env_int("MAX_BODY_BYTES", 64 * 1024, minimum=1),
+        )
+
+    def describe(self) -> str:
+        """One line of every setting, with any password in the URL hidden."""
+        shown = asdict(self)
+        shown["database_url"] = _hide_password(self.database_url) or "(embedded)"
+        return " ".join(f"{key}={value}" for key, value in shown.items())
+
+
+def _hide_password(url: str | None) -> str | None:
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,77 @@
+"""Every failure is an answer: one JSON shape, the right status, logged once.
+
+    {"error": {"status": 503, "code": "pool_exhausted", "message": "..."}}
+
+No SQL text or stack trace ever reaches a client; the log gets the detail instead.
+"""
+
+import logging
+
+from flask import Flask, jsonify
+from psycopg2 import errors as pg_errors
+from sqlalchemy import exc as sa_exc
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("greenflask.errors")
+
+RETRY_AFTER_SECONDS = 1
+
+
+class ApiError(Exception):
+    """An error the client can fix or retry; raised by validation and routes."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str, retry_after: int | None = None):
+    response = jsonify(error={"status": status, "code": code, "message": message})
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _api_error(error: ApiError):
+    return error_response(error.status, error.code, error.message)
+
+
+def _http_error(error: HTTPException):
+    code = (error.name or "error").lower().replace(" ", "_")
+    return error_response(error.code or 500, code, error.description or error.name)
+
+
+def _pool_timeout(error: sa_exc.TimeoutError):
+    log.warning("503 pool_exhausted: %s", error.args[0].split(",")[0])
+    return error_response(
+        503, "pool_exhausted", "all database connections are busy; retry shortly", RETRY_AFTER_SECONDS
+    )
+
+
+def _database_error(error: sa_exc.DBAPIError):
+    """Statement timeout -> 504; anything on the connection's side -> 503."""
+    if isinstance(error.orig, pg_errors.QueryCanceled):
+        log.warning("504 statement_timeout: %s", str(error.orig).strip().splitlines()[0])
+        return error_response(504, "statement_timeout", "the database took too long to answer")
+    if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
+        log.warning("503 database_unavailable: %s", str(error.orig).strip().splitlines()[0])
+        return error_response(
+            503, "database_unavailable", "the database cannot be reached; retry shortly", RETRY_AFTER_SECONDS
+        )
+    return _unexpected(error)
+
+
+def _unexpected(error: Exception):
+    log.exception("500 internal_error")
+    return error_response(500, "internal_error", "the server failed to answer; see its log")
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(sa_exc.TimeoutError, _pool_timeout)
+    app.register_error_handler(sa_exc.DBAPIError, _database_error)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,36 @@
+"""gunicorn settings, loaded automatically from the working folder.
+
+No worker class is forced: `gunicorn app:app` is the sync mode, `-k gevent` the green one.
+"""
+
+import logging
+import os
+
+import db
+from config import Settings
+
+bind = "127.0.0.1:8000"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+# The sync worker is killed when one request holds it longer than this; the gevent worker
+# only when its event loop is blocked this long (PSYCOGREEN=0 with many pg_sleeps).
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 30
+# gunicorn 27 opens a control socket at a fixed path by default; servers side by side
+# (tests, benchmarks) would fight over it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """In the master, before any fork: start the embedded database once, print settings."""
+    settings = Settings.from_env()
+    server.log.info("greenflask settings: %s", settings.describe())
+    if not settings.database_url:
+        server.log.info("embedded PostgreSQL: %s", db.database_url(settings))
+
+
+def post_worker_init(worker):
+    """In each worker, after gevent's monkey-patching: choose the wait callback, make the
+    engine, log the mode and check that the pools fit in the server's max_connections."""
+    logging.getLogger().setLevel(logging.INFO)
+    db.get_engine()
+    db.check_connection_budget(worker.cfg.workers)

@@ -1,0 +1,111 @@
+"""Turn query strings and JSON bodies into checked values, or raise a 400 ApiError."""
+
+import math
+
+from flask import Request
+
+from errors import ApiError
+from models import PRIORITY_MAX, PRIORITY_MIN, TITLE_MAX_LENGTH
+
+DEFAULT_SLEEP_SECONDS = 5.0
+DEFAULT_PAGE_LIMIT = 100
+MAX_PAGE_LIMIT = 1000
+TODO_FIELDS = {"title", "done", "priority"}
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def sleep_seconds(args, maximum: float) -> float:
+    """`?seconds=S`: a finite number from 0 to `maximum`; 5 when absent, as in the original."""
+    raw = args.get("seconds")
+    if raw is None:
+        return DEFAULT_SLEEP_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise bad_request(f"seconds must be a number, got {raw[:40]!r}") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= maximum:
+        raise bad_request(f"seconds must be a finite number from 0 to {maximum:g}")
+    return seconds
+
+
+def _int_arg(args, name: str, default: int, low: int, high: int) -> int:
+    raw = args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdecimal() or len(raw) > 9 or not low <= int(raw) <= high:
+        raise bad_request(f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def page(args) -> tuple[int, int, bool | None]:
+    """`?limit=&offset=&done=` for GET /todos."""
+    limit = _int_arg(args, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+    offset = _int_arg(args, "offset", 0, 0, 10**9)
+    raw_done = args.get("done")
+    if raw_done is None:
+        done = None
+    elif raw_done.lower() in _TRUE:
+        done = True
+    elif raw_done.lower() in _FALSE:
+        done = False
+    else:
+        raise bad_request("done must be true or false")
+    return limit, offset, done
+
+
+def todo_id(value: int) -> int:
+    """Path ids beyond PostgreSQL's integer are simply absent, not an error of the server."""
+    if value > 2**31 - 1:
+        raise ApiError(404, "not_found", "no such todo")
+    return value
+
+
+def json_object(request: Request) -> dict:
+    """The body as a JSON object. Flask answers 415 for a wrong Content-Type and 413 past
+    MAX_CONTENT_LENGTH; malformed JSON (NaN and Infinity included) is a 400 here."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    body = request.get_json()  # malformed JSON raises werkzeug's BadRequest (400)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def todo_fields(body: dict, partial: bool) -> dict:
+    """Check a todo body: title 1-60 chars, done a boolean, priority an integer 0-9.
+
+    For POST (partial=False) title is required; for PATCH at least one field is.
+    """
+    unknown = set(body) - TODO_FIELDS
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(map(str, unknown)))[:100]}")
+    if not partial and "title" not in body:
+        raise bad_request("title is required")
+    if partial and not body:
+        raise bad_request("send at least one of title, done, priority")
+    if "title" in body:
+        title = body["title"]
+        if not isinstance(title, str) or not 1 <= len(title) <= TITLE_MAX_LENGTH or not _storable(title):
+            raise bad_request(f"title must be a string of 1 to {TITLE_MAX_LENGTH} characters")
+    if "done" in body and not isinstance(body["done"], bool):
+        raise bad_request("done must be true or false")
+    if "priority" in body:
+        priority = body["priority"]
+        if isinstance(priority, bool) or not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise bad_request(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
+    return dict(body)
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL text takes neither NUL nor lone surrogates (valid in JSON, not in UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
