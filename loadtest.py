@@ -1,0 +1,530 @@
+"""Fire concurrent requests and show whether the server answered them at once, or in waves.
+
+    python loadtest.py 100                       # 100 concurrent GETs per sleep route
+    python loadtest.py 20 --seconds 1 --routes postgres
+    python loadtest.py -c 64 -d 10 /todos        # closed loop, like wrk
+    python loadtest.py --matrix 5 --seconds 1    # the original README's three modes, one table
+
+Exit status: 0 when every request got a 2xx, 1 when any did not, 2 when the server cannot
+be reached (or the command line is wrong).
+
+Libraries: aiohttp (one ClientSession, no connection limit) sends the requests; rich draws
+the progress bar, tables and colour; percentiles come from the standard `statistics`.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+PROJECT_DIR = Path(__file__).resolve().parent
+ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/"}
+PROGRESS_BAR_ABOVE = 200
+START_HINT = "start it with: gunicorn app:app -k gevent   (after: python seed.py)"
+# The original README's figures, N=5, 5 s sleeps: (python, postgres) per mode.
+ORIGINAL = {"sync": (25.09, 25.05), "gevent": (5.08, 25.06), "gevent+green": (5.04, 5.03)}
+MODES = {
+    # mode: (gunicorn worker args, PSYCOGREEN, routes that run concurrently)
+    "sync": ([], "0", ()),
+    "gevent": (["-k", "gevent"], "0", ("python",)),
+    "gevent+green": (["-k", "gevent"], "1", ("python", "postgres")),
+}
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+class ServerUnreachable(Exception):
+    pass
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One request: when it completed (s after the burst started), its status or error."""
+
+    done_at: float
+    latency: float
+    status: int | None
+    error: str | None = None
+
+
+def error_kind(error: BaseException) -> str:
+    """Group client errors the way wrk and hey users think of them."""
+    if isinstance(error, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return "refused"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "disconnected"
+    if isinstance(error, aiohttp.ClientOSError | ConnectionResetError):
+        return "reset"
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return "payload"
+    return type(error).__name__
+
+
+def client_session(timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        auto_decompress=False,
+    )
+
+
+async def check_reachable(session: aiohttp.ClientSession, base_url: str) -> None:
+    """Any HTTP answer (even a 404) means the server is up; a refused connection does not."""
+    try:
+        async with session.get(base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=3)) as response:
+            await response.read()
+    except (TimeoutError, aiohttp.ClientConnectionError) as error:
+        raise ServerUnreachable(f"cannot reach {base_url} ({error_kind(error)})") from None
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, started: float) -> Outcome:
+    sent = time.perf_counter()
+    try:
+        async with session.get(url) as response:
+            await response.read()
+            status, error = response.status, None
+    except (TimeoutError, aiohttp.ClientError, OSError) as caught:
+        status, error = None, error_kind(caught)
+    now = time.perf_counter()
+    return Outcome(done_at=now - started, latency=now - sent, status=status, error=error)
+
+
+async def burst(session, url: str, count: int, on_outcome=None) -> tuple[list[Outcome], float]:
+    """Send `count` GETs at once; return every outcome (in completion order) and the wall time."""
+    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(fetch(session, url, started)) for _ in range(count)]
+    outcomes = []
+    for next_done in asyncio.as_completed(tasks):
+        outcome = await next_done
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    return outcomes, time.perf_counter() - started
+
+
+def find_waves(done_times: list[float], gap: float) -> list[int]:
+    """Sizes of the groups of completions separated by more than `gap` seconds."""
+    waves: list[int] = []
+    previous = None
+    for moment in sorted(done_times):
+        if previous is None or moment - previous > gap:
+            waves.append(0)
+        waves[-1] += 1
+        previous = moment
+    return waves
+
+
+def wave_gap(seconds: float) -> float:
+    """Completions more than a quarter of a sleep apart belong to different waves."""
+    return max(0.05, seconds / 4)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    cut = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else ordered * 99
+    return {"min": ordered[0], "p50": cut[49], "p90": cut[89], "p99": cut[98], "max": ordered[-1]}
+
+
+@dataclass
+class Report:
+    """Every figure of one route's burst (or one closed-loop run); what --json writes."""
+
+    name: str
+    url: str
+    requests: int
+    wall: float
+    ideal: float | None
+    statuses: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+    requests_per_second: float = 0.0
+    concurrency: float = 0.0
+    efficiency: float | None = None
+    waves: list = field(default_factory=list)
+    done_times: list = field(default_factory=list)
+
+    @property
+    def all_ok(self) -> bool:
+        return not self.errors and all(200 <= int(status) < 300 for status in self.statuses)
+
+
+def tally(values) -> dict:
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds: float) -> Report:
+    latencies = [outcome.latency for outcome in outcomes]
+    done_times = sorted(outcome.done_at for outcome in outcomes)
+    return Report(
+        name=name,
+        url=url,
+        requests=len(outcomes),
+        wall=wall,
+        ideal=seconds,
+        statuses=tally(o.status for o in outcomes if o.status is not None),
+        errors=tally(o.error for o in outcomes if o.error),
+        latency=percentiles(latencies),
+        requests_per_second=len(outcomes) / wall if wall else 0.0,
+        concurrency=sum(latencies) / wall if wall else 0.0,
+        efficiency=min(seconds / wall, 1.0) if wall and seconds else None,
+        waves=find_waves(done_times, wave_gap(seconds)),
+        done_times=done_times,
+    )
+
+
+# --- printing ----------------------------------------------------------------------------
+
+
+def response_line(outcome: Outcome) -> str:
+    """The original client's line: '\t@  5.03s got response [200]'."""
+    what = f"got response [{outcome.status}]" if outcome.status is not None else f"got error [{outcome.error}]"
+    return f"\t@ {outcome.done_at:5.2f}s {what}"
+
+
+def print_summary(report: Report) -> None:
+    statuses = "  ".join(f"{status} x {count}" for status, count in report.statuses.items())
+    errors = "  ".join(f"{kind} x {count}" for kind, count in report.errors.items())
+    colour = "green" if report.all_ok else "red"
+    errors_shown = f"   [red]errors: {errors}[/]" if errors else ""
+    console.print(f"  [bold]answers[/]   [{colour}]{statuses or '-'}[/]{errors_shown}")
+    if report.latency:
+        figures = "  ".join(f"{key} {value:.3f}" for key, value in report.latency.items())
+        console.print(f"  [bold]latency[/]   {figures} s")
+    line = f"  [bold]rate[/]      {report.requests_per_second:.1f} req/s   concurrency {report.concurrency:.1f}"
+    if report.efficiency is not None:
+        line += f"   efficiency {report.efficiency:.2f} (ideal {report.ideal:.2f} s, observed {report.wall:.2f} s)"
+    console.print(line)
+    if report.ideal:
+        sizes = ", ".join(map(str, report.waves))
+        word = "wave" if len(report.waves) == 1 else "waves"
+        console.print(f"  [bold]waves[/]     {len(report.waves)} {word}: {sizes}")
+
+
+def timeline_width(wall: float, slices: int = 40) -> float:
+    return max(wall / slices, 0.01)
+
+
+def timeline_rows(done_times: list[float], width: float) -> list[tuple[float, int]]:
+    """Completions per time slice of `width` s, non-empty slices only: the waves, at a glance."""
+    counts = tally(int(moment / width) for moment in done_times)
+    return [((index + 1) * width, count) for index, count in counts.items()]
+
+
+def print_timeline(report: Report, bar_width: int = 40) -> None:
+    width = timeline_width(report.wall)
+    rows = timeline_rows(report.done_times, width)
+    if not rows:
+        return
+    most = max(count for _, count in rows)
+    console.print(f"  [bold]timeline[/]  completions per {width:.2f} s slice, by the time it ends")
+    for until, count in rows:
+        bar = "█" * max(1, round(count / most * bar_width))
+        console.print(f"  {until:8.2f}s [cyan]{bar}[/] {count}")
+
+
+def save_plot(reports: list[Report], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(reports), 1, figsize=(8, 3 * len(reports)), squeeze=False)
+    for axis, report in zip(axes[:, 0], reports, strict=True):
+        axis.scatter(report.done_times, range(1, len(report.done_times) + 1), s=6)
+        axis.set_title(f"{report.name}: {report.requests} requests, waves {report.waves}")
+        axis.set_xlabel("completed at (s)")
+        axis.set_ylabel("request (by completion)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    console.print(f"timeline plot written to {path}")
+
+
+# --- the three modes of running ----------------------------------------------------------
+
+
+async def run_routes(base_url: str, count: int, seconds: float, routes: list[str], timeout: float, quiet: bool):
+    """What the original client did, plus a summary per route."""
+    reports = []
+    async with client_session(timeout) as session:
+        await check_reachable(session, base_url)
+        for name in routes:
+            url = f"{base_url}{ROUTES[name]}?seconds={seconds:g}"
+            print(f"Sending {count} requests for {url}...", flush=True)
+            outcomes, wall = await _burst_with_output(session, url, count, quiet)
+            print(f"\t= {wall:5.2f}s TOTAL", flush=True)
+            report = summarize(name, url, outcomes, wall, seconds)
+            if not quiet:
+                print_summary(report)
+                print_timeline(report)
+            reports.append(report)
+    print("------------------------------------------")
+    print(f"SUM TOTAL = {sum(report.wall for report in reports):.2f}s", flush=True)
+    return reports
+
+
+async def _burst_with_output(session, url: str, count: int, quiet: bool):
+    if quiet:
+        return await burst(session, url, count)
+    if count <= PROGRESS_BAR_ABOVE:
+        return await burst(session, url, count, lambda outcome: print(response_line(outcome), flush=True))
+    columns = (*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("responses", total=count)
+        return await burst(session, url, count, lambda outcome: progress.advance(task))
+
+
+async def closed_loop(base_url: str, path: str, concurrency: int, duration: float, timeout: float) -> Report:
+    """`concurrency` workers each send the next GET as soon as the last answered, for
+    `duration` seconds. Nothing is printed per request: the client must not be the bottleneck."""
+    url = base_url + path
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+
+    async def worker(session, deadline):
+        clock = time.perf_counter
+        while (sent := clock()) < deadline:
+            try:
+                async with session.get(url) as response:
+                    await response.read()
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError, OSError) as caught:
+                kind = error_kind(caught)
+                errors[kind] = errors.get(kind, 0) + 1
+                continue
+            latencies.append(clock() - sent)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    async with client_session(timeout) as session:
+        await check_reachable(session, base_url)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session, started + duration) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    total = len(latencies) + sum(errors.values())
+    return Report(
+        name=f"closed loop c={concurrency}",
+        url=url,
+        requests=total,
+        wall=wall,
+        ideal=None,
+        statuses=dict(sorted(statuses.items())),
+        errors=errors,
+        latency=percentiles(latencies),
+        requests_per_second=total / wall,
+        concurrency=sum(latencies) / wall,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(port: int, worker_args: list[str], env_overrides: dict, log_path: Path) -> subprocess.Popen:
+    """Start this project's gunicorn on 127.0.0.1:`port`; the caller stops it by PID."""
+    env = {**os.environ, **env_overrides}
+    command = [sys.executable, "-m", "gunicorn", "app:app", "-b", f"127.0.0.1:{port}", *worker_args]
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+async def wait_until_ready(base_url: str, process: subprocess.Popen, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with status {process.returncode}")
+            try:
+                async with session.get(base_url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"server at {base_url} not ready after {within:.0f} s")
+
+
+def stop_server(process: subprocess.Popen, grace: float = 35.0) -> int:
+    """SIGTERM by PID, then SIGKILL if it has not exited after `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def ideal_for(mode: str, route: str, count: int, seconds: float) -> float:
+    concurrent = route in MODES[mode][2]
+    return seconds if concurrent else count * seconds
+
+
+async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path) -> list[dict]:
+    """The original README's experiment: each mode on its own server, both routes."""
+    _seed_database()
+    rows = []
+    for mode, (worker_args, green, _) in MODES.items():
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        console.print(f"[bold]{mode}[/]: gunicorn app:app {' '.join(worker_args)} (PSYCOGREEN={green}) on {base_url}")
+        process = start_server(port, worker_args, {"PSYCOGREEN": green}, log_path)
+        try:
+            await wait_until_ready(base_url, process)
+            reports = await run_routes(base_url, count, seconds, list(ROUTES), timeout, quiet=True)
+        finally:
+            stop_server(process)
+        for index, report in enumerate(reports):
+            original = ORIGINAL[mode][index] if (count, seconds) == (5, 5) else None
+            rows.append(
+                {
+                    "mode": mode,
+                    "route": report.name,
+                    "observed": report.wall,
+                    "ideal": ideal_for(mode, report.name, count, seconds),
+                    "original": original,
+                    "waves": report.waves,
+                    "all_ok": report.all_ok,
+                    "report": asdict(report),
+                }
+            )
+    return rows
+
+
+def _seed_database() -> None:
+    subprocess.run([sys.executable, "seed.py"], cwd=PROJECT_DIR, check=True, stdout=subprocess.DEVNULL)
+
+
+def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
+    table = Table(title=f"N={count} concurrent requests per route, {seconds:g} s sleeps")
+    for column in ("mode", "route", "observed", "ideal", "original (N=5, 5 s)", "waves"):
+        table.add_column(column, justify="left" if column in ("mode", "route", "waves") else "right")
+    for row in rows:
+        original = f"{row['original']:.2f} s" if row["original"] is not None else "-"
+        waves = ", ".join(map(str, row["waves"]))
+        table.add_row(row["mode"], row["route"], f"{row['observed']:.2f} s", f"{row['ideal']:.2f} s", original, waves)
+    for mode in MODES:
+        mode_rows = [row for row in rows if row["mode"] == mode]
+        total = sum(row["observed"] for row in mode_rows)
+        ideal = sum(row["ideal"] for row in mode_rows)
+        original = sum(ORIGINAL[mode]) if mode_rows[0]["original"] is not None else None
+        table.add_row(
+            mode, "SUM TOTAL", f"{total:.2f} s", f"{ideal:.2f} s", f"{original:.2f} s" if original else "-", "",
+            style="bold",
+        )
+    console.print(table)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Concurrent-request load tester for greenflask (see the module docstring).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", nargs="?", help="N requests per route (default 5), or a PATH with -c/-d")
+    parser.add_argument("--url", default="http://localhost:8000", help="server base URL (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="sleep per request, sent as ?seconds= (default 5)")
+    parser.add_argument("--routes", default="python,postgres", help="comma-separated: python, postgres")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in s (default 120)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no per-response lines, summary or timeline")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the completion timeline (needs matplotlib)")
+    parser.add_argument("-c", "--concurrency", type=int, help="closed loop: this many workers")
+    parser.add_argument("-d", "--duration", type=float, default=10.0, help="closed loop: seconds (default 10)")
+    parser.add_argument("--matrix", type=int, metavar="N", help="start the server in each of the three modes")
+    args = parser.parse_args(argv)
+
+    args.url = args.url.rstrip("/")
+    if args.concurrency is not None:
+        if args.concurrency < 1 or args.duration <= 0:
+            parser.error("-c must be >= 1 and -d > 0")
+        args.path = args.target or "/todos"
+        if not args.path.startswith("/"):
+            parser.error(f"closed-loop PATH must start with '/', got {args.path!r}")
+    else:
+        try:
+            args.count = int(args.target) if args.target else 5
+        except ValueError:
+            parser.error(f"N must be an integer, got {args.target!r}")
+        if args.count < 1:
+            parser.error("N must be >= 1")
+    args.route_list = [name.strip() for name in args.routes.split(",") if name.strip()]
+    unknown = [name for name in args.route_list if name not in ROUTES]
+    if unknown or not args.route_list:
+        parser.error(f"--routes takes python and/or postgres, got {args.routes!r}")
+    if args.seconds < 0 or args.timeout <= 0:
+        parser.error("--seconds must be >= 0 and --timeout > 0")
+    if args.matrix is not None and args.matrix < 1:
+        parser.error("--matrix N must be >= 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+    return args
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.matrix is not None:
+            log_path = Path(os.environ.get("LOADTEST_SERVER_LOG", PROJECT_DIR / "loadtest-matrix.log"))
+            rows = asyncio.run(run_matrix(args.matrix, args.seconds, args.timeout, log_path))
+            print_matrix(rows, args.matrix, args.seconds)
+            if args.json:
+                write_json(args.json, {"matrix": rows, "n": args.matrix, "seconds": args.seconds})
+            return 0 if all(row["all_ok"] for row in rows) else 1
+        if args.concurrency is not None:
+            report = asyncio.run(closed_loop(args.url, args.path, args.concurrency, args.duration, args.timeout))
+            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {args.concurrency} workers")
+            print_summary(report)
+            reports = [report]
+        else:
+            reports = asyncio.run(
+                run_routes(args.url, args.count, args.seconds, args.route_list, args.timeout, args.quiet)
+            )
+            if args.plot:
+                save_plot(reports, args.plot)
+    except ServerUnreachable as error:
+        print(f"loadtest.py: {error}; {START_HINT}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        write_json(args.json, {"reports": [asdict(report) for report in reports]})
+    return 0 if all(report.all_ok for report in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
