@@ -1,0 +1,202 @@
+"""Real parts only: a real PostgreSQL (embedded, or DATABASE_URL when set) and real gunicorn
+processes on free ports, each stopped by its PID when its test or module ends."""
+
+import asyncio
+import http.client
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import db  # noqa: E402
+import loadtest  # noqa: E402
+import seed  # noqa: E402
+
+TEST_DATABASE = "greenflask_test"
+# The machine's own PostgreSQL allows 100 connections: keep each test server's pool small.
+TEST_POOL_SIZE = "25"
+
+
+def pytest_report_header(config):
+    return f"database: {'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded PostgreSQL'}"
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    """DATABASE_URL when set; else a test database on the embedded server (not the demo's).
+    An embedded server the tests had to start is stopped again at the end."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    was_running = (db.EMBEDDED_PGDATA / "postmaster.pid").exists()
+    yield db.ensure_database(db.start_embedded(), TEST_DATABASE)
+    if not was_running:
+        db.stop_embedded()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url):
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def seeded(engine):
+    """The table as `python seed.py --reset` leaves it: the 50 seed todos."""
+    seed.seed(engine, count=50, reset=True)
+    return engine
+
+
+def row_count(engine) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(text("SELECT count(*) FROM todos"))
+
+
+def busy_connections(engine, application_name: str) -> int:
+    """Server-side sessions of one test server that are running or holding a transaction."""
+    with engine.connect() as conn:
+        return conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND state <> 'idle'"),
+            {"name": application_name},
+        )
+
+
+def open_connections(engine, application_name: str) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"), {"name": application_name}
+        )
+
+
+# --- HTTP --------------------------------------------------------------------------------
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict, body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Answer {self.status} {self.body[:200]!r}>"
+
+
+def request(url: str, method: str = "GET", body=None, headers=None, timeout: float = 30) -> Answer:
+    """One plain HTTP request; a dict body is sent as JSON."""
+    parts = urlsplit(url)
+    headers = dict(headers or {})
+    if isinstance(body, dict | list):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    elif isinstance(body, str):
+        body = body.encode()
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
+
+
+def burst(url: str, count: int, timeout: float = 60):
+    """`count` concurrent GETs with the load tester's own code; (outcomes, wall seconds)."""
+
+    async def run():
+        async with loadtest.client_session(timeout) as session:
+            return await loadtest.burst(session, url, count)
+
+    return asyncio.run(run())
+
+
+# --- servers -----------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, process, base_url: str, application_name: str, log_path: Path):
+        self.process, self.base_url = process, base_url
+        self.application_name, self.log_path = application_name, log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def get(self, path: str, **kwargs) -> Answer:
+        return request(self.url(path), **kwargs)
+
+    def stats(self) -> dict:
+        return self.get("/stats").json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        return loadtest.stop_server(self.process)
+
+
+@pytest.fixture(scope="session")
+def start_server(database_url, tmp_path_factory):
+    """Factory: start gunicorn with some env and args; every server is stopped by PID at the end
+    of the session at the latest (tests and module fixtures stop theirs sooner)."""
+    started: list[Server] = []
+
+    def start(*worker_args: str, env: dict | None = None, database: str | None = None, ready: bool = True) -> Server:
+        port = loadtest.free_port()
+        name = f"gf-test-{port}"
+        log_path = tmp_path_factory.mktemp("server") / "gunicorn.log"
+        overrides = {
+            "DATABASE_URL": database or database_url,
+            "DB_APPLICATION_NAME": name,
+            "DB_POOL_SIZE": TEST_POOL_SIZE,
+            **(env or {}),
+        }
+        process = loadtest.start_server(port, list(worker_args), overrides, log_path)
+        server = Server(process, f"http://127.0.0.1:{port}", name, log_path)
+        started.append(server)
+        if ready:
+            wait_until_answering(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_until_answering(server: Server, within: float = 30) -> None:
+    """Ready when /stats answers (it needs no database, so a server whose DB is down counts)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited {server.process.returncode}:\n{server.log()}")
+        try:
+            if server.get("/stats", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gunicorn not answering after {within} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def green_server(start_server, database_url, engine):
+    """The default mode: gunicorn app:app -k gevent, wait callback on (auto)."""
+    seed.seed(engine, count=50, reset=True)
+    server = start_server("-k", "gevent")
+    yield server
+    server.stop()

@@ -1,0 +1,210 @@
+"""The service: modes, routes, sessions and pool, failure answers, --preload."""
+
+import pytest
+from conftest import burst, busy_connections, request, row_count
+
+import seed
+
+SLEEP_ROUTES = ["/sleep/python/", "/sleep/postgres/"]
+
+
+def statuses(outcomes) -> list:
+    return sorted(outcome.status or outcome.error for outcome in outcomes)
+
+
+# --- the three modes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", SLEEP_ROUTES)
+def test_default_gevent_mode_runs_20_sleeps_at_once(green_server, route):
+    outcomes, wall = burst(green_server.url(f"{route}?seconds=1"), 20)
+    assert statuses(outcomes) == [200] * 20
+    assert wall < 3, f"20 concurrent 1 s sleeps took {wall:.2f} s"
+
+
+def test_worker_reports_gevent_and_wait_callback(green_server):
+    stats = green_server.stats()
+    assert stats["worker_class"] == "gevent"
+    assert stats["wait_callback"] is True
+    assert stats["pool"]["size"] == 25 and stats["pool"]["max_overflow"] == 0
+    assert "wait_callback=on" in green_server.log()
+
+
+def test_sleep_routes_return_all_todos(green_server):
+    answer = green_server.get("/sleep/postgres/?seconds=0")
+    todos = answer.json()["todos"]
+    assert answer.status == 200
+    assert [todo["id"] for todo in todos] == sorted(todo["id"] for todo in todos)
+    assert {"id", "title", "done", "priority"} == set(todos[0])
+
+
+def test_without_wait_callback_postgres_sleeps_serialise(start_server):
+    server = start_server("-k", "gevent", env={"PSYCOGREEN": "0"})
+    try:
+        assert server.stats()["wait_callback"] is False
+        _, python_wall = burst(server.url("/sleep/python/?seconds=0.5"), 5)
+        _, postgres_wall = burst(server.url("/sleep/postgres/?seconds=0.5"), 5)
+    finally:
+        server.stop()
+    assert python_wall < 1.5, "time.sleep is patched by gevent: concurrent"
+    assert postgres_wall > 2.0, f"5 x 0.5 s pg_sleep took {postgres_wall:.2f} s: expected them in series"
+
+
+def test_sync_worker_serialises_both_routes(start_server):
+    server = start_server()
+    try:
+        stats = server.stats()
+        _, postgres_wall = burst(server.url("/sleep/postgres/?seconds=0.5"), 4)
+    finally:
+        server.stop()
+    assert stats["worker_class"] == "sync" and stats["wait_callback"] is False
+    assert postgres_wall > 1.7, f"4 x 0.5 s took {postgres_wall:.2f} s under the sync worker"
+
+
+def test_preload_with_two_workers_answers_concurrently(start_server):
+    server = start_server("-k", "gevent", "-w", "2", "--preload")
+    try:
+        outcomes, wall = burst(server.url("/sleep/postgres/?seconds=1"), 20)
+    finally:
+        server.stop()
+    assert statuses(outcomes) == [200] * 20
+    assert wall < 3
+    assert server.log().count("wait_callback=on") == 2, "each worker installs the callback after fork"
+
+
+# --- CRUD ----------------------------------------------------------------------------------
+
+
+def test_crud_round_trip(green_server, seeded):
+    created = green_server.get("/todos", method="POST", body={"title": "write tests", "priority": 3})
+    assert created.status == 201, created
+    todo = created.json()
+    assert todo == {"id": todo["id"], "title": "write tests", "done": False, "priority": 3}
+    assert created.headers["location"] == f"/todos/{todo['id']}"
+    assert green_server.get(created.headers["location"]).json() == todo
+
+    patched = green_server.get(f"/todos/{todo['id']}", method="PATCH", body={"done": True})
+    assert patched.status == 200 and patched.json()["done"] is True
+
+    assert green_server.get(f"/todos/{todo['id']}", method="DELETE").status == 204
+    assert green_server.get(f"/todos/{todo['id']}").status == 404
+    assert green_server.get(f"/todos/{todo['id']}", method="DELETE").status == 404
+    assert row_count(seeded) == 50
+
+
+def test_list_pages_and_filters(green_server, seeded):
+    first = green_server.get("/todos?limit=10&offset=5").json()
+    assert [todo["id"] for todo in first["todos"]] == list(range(6, 16))
+    done = green_server.get("/todos?done=true&limit=1000").json()["todos"]
+    assert len(done) == 25 and all(todo["done"] for todo in done)
+    assert len(green_server.get("/todos").json()["todos"]) == 50
+
+
+def test_seed_twice_leaves_50_rows(seeded):
+    assert seed.seed(seeded) == 0
+    assert row_count(seeded) == 50
+
+
+# --- failure answers -----------------------------------------------------------------------
+
+
+def assert_error(answer, status: int, code: str | None = None):
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["status"] == status
+    if code:
+        assert error["code"] == code
+    for leak in (b"Traceback", b"SELECT", b"psycopg2", b"sqlalchemy"):
+        assert leak not in answer.body
+
+
+def test_unknown_route_is_json_404(green_server):
+    assert_error(green_server.get("/nope"), 404)
+
+
+def test_bad_seconds_is_400(green_server):
+    for value in ("abc", "-1", "nan", "inf", "61", "1e400"):
+        assert_error(green_server.get(f"/sleep/python/?seconds={value}"), 400, "bad_request")
+
+
+def test_body_over_limit_is_413(green_server):
+    answer = green_server.get("/todos", method="POST", body="x" * 70_000, headers={"Content-Type": "application/json"})
+    assert_error(answer, 413)
+
+
+def test_malformed_json_is_400(green_server):
+    answer = green_server.get("/todos", method="POST", body="{nope", headers={"Content-Type": "application/json"})
+    assert_error(answer, 400)
+
+
+def test_pool_exhausted_is_fast_503_with_retry_after(start_server):
+    server = start_server("-k", "gevent", env={"DB_POOL_SIZE": "2", "DB_POOL_TIMEOUT": "0.5"})
+    try:
+        outcomes, wall = burst(server.url("/sleep/postgres/?seconds=2"), 6)
+        after = server.get("/todos")
+        healthz = request(server.url("/healthz"))
+    finally:
+        server.stop()
+    assert statuses(outcomes) == [200, 200, 503, 503, 503, 503]
+    rejected = [o for o in outcomes if o.status == 503]
+    assert all(o.latency < 1.5 for o in rejected), "a 503 comes after the pool timeout, not after the sleep"
+    assert wall < 4
+    assert after.status == 200 and healthz.status == 200
+
+
+def test_pool_exhausted_answer_has_retry_after(start_server):
+    server = start_server("-k", "gevent", env={"DB_POOL_SIZE": "1", "DB_POOL_TIMEOUT": "0.2"})
+    try:
+        import threading
+
+        holder = threading.Thread(target=server.get, args=("/sleep/postgres/?seconds=1.5",))
+        holder.start()
+        answer = server.get("/todos") if _wait_checked_out(server) else None
+        holder.join()
+    finally:
+        server.stop()
+    assert_error(answer, 503, "pool_exhausted")
+    assert answer.headers["retry-after"] == "1"
+
+
+def _wait_checked_out(server, within: float = 5) -> bool:
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if server.stats()["pool"]["checked_out"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_statement_timeout_is_504_and_next_request_works(start_server):
+    server = start_server("-k", "gevent", env={"DB_STATEMENT_TIMEOUT": "300", "DB_POOL_SIZE": "1"})
+    try:
+        slow = server.get("/sleep/postgres/?seconds=2")
+        after = server.get("/todos")
+    finally:
+        server.stop()
+    assert_error(slow, 504, "statement_timeout")
+    assert after.status == 200
+
+
+def test_unreachable_database_is_503_and_worker_survives(start_server):
+    server = start_server("-k", "gevent", database="postgresql://postgres@127.0.0.1:9/nowhere")
+    try:
+        answers = [server.get("/todos"), server.get("/healthz")]
+        stats = server.stats()
+    finally:
+        server.stop()
+    for answer in answers:
+        assert_error(answer, 503, "database_unavailable")
+        assert answer.headers["retry-after"] == "1"
+    assert stats["pool"]["checked_out"] == 0
+
+
+def test_no_connection_left_checked_out_after_a_burst(green_server, engine):
+    burst(green_server.url("/sleep/postgres/?seconds=0.2"), 25)
+    burst(green_server.url("/nope"), 10)
+    assert green_server.stats()["pool"]["checked_out"] == 0
+    assert busy_connections(engine, green_server.application_name) == 0
