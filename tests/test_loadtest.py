@@ -1,0 +1,183 @@
+"""loadtest.py against a small aiohttp server whose slots and delays the test controls, and
+against the project's real server."""
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from aiohttp import web
+from conftest import ROOT
+
+import loadtest
+
+LINE = re.compile(r"^\t@ +\d+\.\d\ds got response \[200\]$", re.MULTILINE)
+
+
+class SlotServer:
+    """An HTTP server with `slots` request slots; each request holds one for ?seconds=."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.port = loadtest.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._started = threading.Event()
+
+    async def _sleep(self, request):
+        async with self._semaphore:
+            await asyncio.sleep(float(request.query.get("seconds", "0")))
+        return web.json_response({"todos": []})
+
+    async def _fail(self, request):
+        return web.json_response({"error": "boom"}, status=500)
+
+    async def _ok(self, request):
+        return web.json_response({"ok": True})
+
+    def _run(self):
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        self._semaphore = asyncio.Semaphore(self.slots)
+        app = web.Application()
+        app.router.add_get("/sleep/python/", self._sleep)
+        app.router.add_get("/sleep/postgres/", self._sleep)
+        app.router.add_get("/healthz", self._ok)
+        app.router.add_get("/fast", self._ok)
+        app.router.add_get("/fail", self._fail)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def three_slots():
+    with SlotServer(slots=3) as server:
+        yield server
+
+
+def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "loadtest.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_three_slots_nine_requests_show_three_waves_of_three(three_slots, tmp_path):
+    json_path = tmp_path / "r.json"
+    result = run("9", "--url", three_slots.url, "--seconds", "0.3", "--routes", "postgres", "--json", str(json_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"Sending 9 requests for {three_slots.url}/sleep/postgres/?seconds=0.3...\n")
+    assert len(LINE.findall(out)) == 9
+    assert re.search(r"^\t= +0\.9\ds TOTAL$", out, re.MULTILINE), out
+    assert "3 waves: 3, 3, 3" in out
+    assert "200 x 9" in out
+    assert re.search(r"^SUM TOTAL = 0\.9\ds$", out, re.MULTILINE)
+
+    report = json.loads(json_path.read_text())["reports"][0]
+    assert report["waves"] == [3, 3, 3]
+    assert report["statuses"] == {"200": 9}
+    assert report["requests"] == 9
+    # Latencies 0.3, 0.6, 0.9 s three times each over 0.9 s: six requests outstanding on average.
+    assert 5.5 < report["concurrency"] < 6.5
+    assert 0.3 < report["efficiency"] < 0.36, "ideal 0.3 s over about 0.9 s observed"
+    assert 0.29 < report["latency"]["min"] < 0.4 and 0.85 < report["latency"]["max"] < 1.0
+    assert len(report["done_times"]) == 9
+
+
+def test_enough_slots_is_one_wave_and_full_efficiency(tmp_path):
+    with SlotServer(slots=50) as server:
+        result = run("30", "--url", server.url, "--seconds", "0.5", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    reports = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert [report["name"] for report in reports] == ["python", "postgres"]
+    for report in reports:
+        assert report["waves"] == [30]
+        assert report["efficiency"] > 0.8
+
+
+def test_many_requests_show_a_progress_bar_not_lines():
+    with SlotServer(slots=1000) as server:
+        result = run("250", "--url", server.url, "--seconds", "0.2", "--routes", "python")
+    assert result.returncode == 0, result.stderr
+    assert not LINE.search(result.stdout)
+    assert "1 wave: 250" in result.stdout
+
+
+def test_exit_1_when_any_answer_is_not_2xx(three_slots):
+    result = run("-c", "2", "-d", "0.5", "/fail", "--url", three_slots.url)
+    assert result.returncode == 1
+    assert "500 x" in result.stdout
+
+
+def test_exit_2_with_a_hint_when_the_server_is_down():
+    started = time.monotonic()
+    result = run("5", "--url", f"http://127.0.0.1:{loadtest.free_port()}")
+    assert result.returncode == 2
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in result.stderr
+    assert "cannot reach" in result.stderr and "gunicorn app:app -k gevent" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_exit_2():
+    assert run("many").returncode == 2
+    assert run("5", "--routes", "ruby").returncode == 2
+
+
+def test_closed_loop_reports_rate_and_percentiles(three_slots, tmp_path):
+    result = run("-c", "4", "-d", "1", "/fast", "--url", three_slots.url, "--json", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "c.json").read_text())["reports"][0]
+    assert report["requests"] > 100
+    assert report["requests_per_second"] > 100
+    assert set(report["latency"]) == {"min", "p50", "p90", "p99", "max"}
+    assert "req/s" in result.stdout and "@" not in result.stdout
+
+
+def test_text_timeline_groups_completions():
+    rows = loadtest.timeline_rows([0.31, 0.32, 0.61, 0.62, 0.63], width=0.1)
+    assert [count for _, count in rows] == [2, 3]
+
+
+def test_find_waves_splits_on_gaps():
+    assert loadtest.find_waves([1.0, 1.01, 2.0, 2.02, 3.0], gap=0.25) == [2, 2, 1]
+    assert loadtest.find_waves([], gap=0.25) == []
+
+
+def test_against_the_real_server_both_routes_in_one_wave(green_server, tmp_path):
+    result = run("20", "--url", green_server.base_url, "--seconds", "1", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for report in json.loads((tmp_path / "r.json").read_text())["reports"]:
+        assert report["waves"] == [20], report["name"]
+        assert report["statuses"] == {"200": 20}
+
+
+def test_matrix_reproduces_the_three_modes(database_url, tmp_path):
+    env = {**os.environ, "DATABASE_URL": database_url, "DB_POOL_SIZE": "25",
+           "LOADTEST_SERVER_LOG": str(tmp_path / "servers.log")}
+    result = run("--matrix", "2", "--seconds", "0.5", "--json", str(tmp_path / "m.json"), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUM TOTAL" in result.stdout and "gevent+green" in result.stdout
+    rows = json.loads((tmp_path / "m.json").read_text())["matrix"]
+    observed = {(row["mode"], row["route"]): row["observed"] for row in rows}
+    assert observed[("sync", "python")] > 0.9 and observed[("sync", "postgres")] > 0.9
+    assert observed[("gevent", "python")] < 0.9 and observed[("gevent", "postgres")] > 0.9
+    assert observed[("gevent+green", "python")] < 0.9 and observed[("gevent+green", "postgres")] < 0.9
