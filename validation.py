@@ -26,7 +26,7 @@ def sleep_seconds(args, maximum: float) -> float:
     try:
         seconds = float(raw)
     except ValueError:
-        raise bad_request(f"seconds must be a number, got {raw[:40]!r}") from None
+        raise bad_request("seconds must be a number") from None
     if not math.isfinite(seconds) or not 0 <= seconds <= maximum:
         raise bad_request(f"seconds must be a finite number from 0 to {maximum:g}")
     return seconds
@@ -69,7 +69,10 @@ def json_object(request: Request) -> dict:
     MAX_CONTENT_LENGTH; malformed JSON (NaN and Infinity included) is a 400 here."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    body = request.get_json()  # malformed JSON raises werkzeug's BadRequest (400)
+    try:
+        body = request.get_json()  # malformed JSON raises werkzeug's BadRequest (400)
+    except RecursionError:  # not a ValueError, so Flask lets it through
+        raise bad_request("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     return body

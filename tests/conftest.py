@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -112,6 +113,24 @@ def request(url: str, method: str = "GET", body=None, headers=None, timeout: flo
         connection.close()
 
 
+def send_many(method: str, url: str, bodies: list, timeout: float = 60) -> list[Answer]:
+    """One concurrent request per body (None: no body), each answer with its headers."""
+
+    async def one(session, body):
+        try:
+            async with session.request(method, url, json=body) as response:
+                headers = {key.lower(): value for key, value in response.headers.items()}
+                return Answer(response.status, headers, await response.read())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return Answer(0, {}, repr(error).encode())
+
+    async def run():
+        async with loadtest.client_session(timeout) as session:
+            return await asyncio.gather(*(one(session, body) for body in bodies))
+
+    return asyncio.run(run())
+
+
 def burst(url: str, count: int, timeout: float = 60):
     """`count` concurrent GETs with the load tester's own code; (outcomes, wall seconds)."""
 
@@ -200,3 +219,25 @@ def green_server(start_server, database_url, engine):
     server = start_server("-k", "gevent")
     yield server
     server.stop()
+
+
+# --- figures for RELIABILITY.md ------------------------------------------------------------
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def figure(request):
+    """Record what a test measured; printed at the end of the run (copied into RELIABILITY.md)."""
+
+    def record(text: str) -> None:
+        _FIGURES.append((request.node.name, text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured")
+        for name, text in _FIGURES:
+            terminalreporter.write_line(f"{name}: {text}")

@@ -1,0 +1,178 @@
+"""Faults, overload and concurrent writes with real gunicorn and PostgreSQL processes.
+
+The database-down test stops and restarts a PostgreSQL of its own (embedded, in a temporary
+folder), so it never touches the shared server or the machine's own."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import burst, busy_connections, open_connections, request, row_count, send_many
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+import db
+import seed
+
+
+@pytest.fixture(scope="module")
+def own_postgres(tmp_path_factory):
+    """An embedded PostgreSQL only this module uses; stopped by its own pg_ctl at the end."""
+    pgdata = tmp_path_factory.mktemp("own") / "pgdata"
+    url = db.ensure_database(db.start_embedded(pgdata), "greenflask")
+    engine = create_engine(make_url(url), poolclass=NullPool)
+    seed.seed(engine)
+    yield pgdata, url, engine
+    engine.dispose()
+    db.stop_embedded(pgdata)
+
+
+def in_background(function, *args):
+    """Run `function` in a thread; `.result` holds its return value after `.join()`."""
+    thread = threading.Thread(target=lambda: setattr(thread, "result", function(*args)))
+    thread.start()
+    return thread
+
+
+def test_database_stopped_then_back(own_postgres, start_server, figure):
+    pgdata, url, engine = own_postgres
+    server = start_server("-k", "gevent", database=url, env={"DB_POOL_TIMEOUT": "1"})
+    try:
+        worker_pid = server.stats()["pid"]
+        assert {o.status for o in burst(server.url("/todos"), 10)[0]} == {200}
+        in_flight = in_background(send_many, "GET", server.url("/sleep/postgres/?seconds=3"), [None] * 5)
+        time.sleep(0.5)
+        db.stop_embedded(pgdata)
+        in_flight.join()
+        started = time.monotonic()
+        while_down = send_many("GET", server.url("/todos"), [None] * 20)
+        down_wall = time.monotonic() - started
+        healthz_down = server.get("/healthz")
+        db.start_embedded(pgdata)
+        first_after = server.get("/todos")
+        after = send_many("GET", server.url("/todos"), [None] * 50)
+        same_worker = server.stats()["pid"] == worker_pid
+    finally:
+        server.stop()
+        db.start_embedded(pgdata)  # for the module's other tests, whatever happened above
+
+    for answer in [*in_flight.result, *while_down, healthz_down]:
+        assert answer.status == 503, answer
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        assert answer.headers["retry-after"] == "1"
+    assert down_wall < 1 + 1, "every answer within DB_POOL_TIMEOUT + 1 s"
+    assert first_after.status == 200, first_after
+    assert {answer.status for answer in after} == {200}
+    assert same_worker, "no worker died"
+    figure(f"5 in-flight + 20 new + healthz all 503 while down (20 new in {down_wall:.2f} s); "
+           f"first request after restart 200, then 50/50 200; worker pid unchanged")
+
+
+def test_embedded_server_listens_on_a_socket_only(own_postgres):
+    _, _, engine = own_postgres
+    with engine.connect() as conn:
+        assert conn.scalar(text("SHOW listen_addresses")) == ""
+
+
+def test_terminated_backends_are_replaced_without_errors(green_server, engine, figure):
+    burst(green_server.url("/sleep/postgres/?seconds=0.3"), 20)
+    with engine.connect() as conn:
+        killed = conn.execute(
+            text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name"),
+            {"name": green_server.application_name},
+        ).scalar()
+    outcomes, wall = burst(green_server.url("/todos"), 100)
+    statuses = [outcome.status for outcome in outcomes]
+    assert killed >= 20
+    assert statuses == [200] * 100, sorted(set(map(str, statuses)))
+    figure(f"{killed} backends terminated; next 100 requests: {statuses.count(200)} x 200 in {wall:.2f} s")
+
+
+def test_overload_1000_requests_get_200_or_fast_503(start_server, engine, figure):
+    server = start_server("-k", "gevent", env={"DB_POOL_SIZE": "20", "DB_POOL_TIMEOUT": "2"})
+    try:
+        started = time.monotonic()
+        answers = send_many("GET", server.url("/sleep/postgres/?seconds=1"), [None] * 1000)
+        wall = time.monotonic() - started
+        pool = server.stats()["pool"]
+        busy = busy_connections(engine, server.application_name)
+        opened = open_connections(engine, server.application_name)
+    finally:
+        server.stop()
+    statuses = [answer.status for answer in answers]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert all(answer.headers.get("retry-after") == "1" for answer in answers if answer.status == 503)
+    assert statuses.count(200) >= 40, "at least two waves of the pool answer"
+    assert wall < 20
+    assert pool["checked_out"] == 0 and busy == 0 and opened <= 20
+    figure(f"1000 x pg_sleep(1), pool 20, timeout 2 s: {statuses.count(200)} x 200, "
+           f"{statuses.count(503)} x 503 (Retry-After), 0 other, {wall:.1f} s; "
+           f"after: checked_out 0, busy backends 0, open {opened}")
+
+
+def test_sigterm_lets_in_flight_requests_finish(start_server, figure):
+    server = start_server("-k", "gevent")
+    in_flight = in_background(send_many, "GET", server.url("/sleep/postgres/?seconds=2"), [None] * 5)
+    time.sleep(0.5)
+    started = time.monotonic()
+    os.kill(server.pid, signal.SIGTERM)
+    exit_code = server.process.wait(35)
+    in_flight.join()
+    assert [answer.status for answer in in_flight.result] == [200] * 5
+    assert exit_code == 0
+    figure(f"5 in-flight 2 s requests all 200; master exited 0 {time.monotonic() - started:.1f} s after SIGTERM")
+
+
+def test_sigkill_of_a_worker_is_replaced(start_server, figure):
+    server = start_server("-k", "gevent")
+    try:
+        killed_pid = server.stats()["pid"]
+        os.kill(killed_pid, signal.SIGKILL)
+        started = time.monotonic()
+        new_pid = _wait_for_new_worker(server, killed_pid)
+        replaced_in = time.monotonic() - started
+        outcomes, _ = burst(server.url("/sleep/postgres/?seconds=0.2"), 20)
+    finally:
+        server.stop()
+    assert new_pid != killed_pid
+    assert [outcome.status for outcome in outcomes] == [200] * 20
+    figure(f"worker {killed_pid} killed; new worker answering after {replaced_in:.1f} s; 20/20 200 after")
+
+
+def _wait_for_new_worker(server, old_pid: int, within: float = 20) -> int | None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            pid = server.stats()["pid"]
+            if pid != old_pid:
+                return pid
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def test_500_concurrent_creates_lose_and_duplicate_nothing(green_server, seeded, figure):
+    before = row_count(seeded)
+    bodies = [{"title": f"concurrent {i}", "priority": i % 10} for i in range(500)]
+    answers = send_many("POST", green_server.url("/todos"), bodies)
+    created = [answer.json() for answer in answers if answer.status == 201]
+    statuses = {answer.status for answer in answers}
+    assert statuses <= {201, 503}, statuses
+    assert row_count(seeded) - before == len(created)
+    assert len({todo["id"] for todo in created}) == len(created)
+    assert len({todo["title"] for todo in created}) == len(created)
+    figure(f"500 concurrent POST: {len(created)} x 201, rows added {row_count(seeded) - before}, ids unique")
+
+
+def test_200_concurrent_patches_of_one_row(green_server, seeded, figure):
+    writes = [{"title": f"write {i}", "priority": i % 10, "done": i % 2 == 0} for i in range(200)]
+    answers = send_many("PATCH", green_server.url("/todos/1"), writes)
+    statuses = sorted({answer.status for answer in answers})
+    final = request(green_server.url("/todos/1")).json()
+    assert statuses == [200], statuses
+    assert {key: final[key] for key in ("title", "priority", "done")} in writes
+    figure(f"200 concurrent PATCH of one row: all 200; final row is write '{final['title']}'")
