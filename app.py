@@ -63,7 +63,7 @@ def _register_routes(app: Flask) -> None:
     @app.get("/todos")
     def list_todos():
         limit, offset, done = validation.page(request.args)
-        todos = models.list_todos(db.get_session(), limit, offset, done)
+        todos = models.list_todos(db.get_session(single_statement=True), limit, offset, done)
         return jsonify(todos=todos, limit=limit, offset=offset)
 
     @app.post("/todos")
@@ -79,7 +79,8 @@ def _register_routes(app: Flask) -> None:
 
     @app.get("/todos/<int:todo_id>")
     def get_todo(todo_id: int):
-        return jsonify(_found(models.get_todo(db.get_session(), validation.todo_id(todo_id))))
+        todo = models.get_todo(db.get_session(single_statement=True), validation.todo_id(todo_id))
+        return jsonify(_found(todo))
 
     @app.patch("/todos/<int:todo_id>")
     def patch_todo(todo_id: int):
@@ -99,7 +100,7 @@ def _register_routes(app: Flask) -> None:
     @app.get("/healthz")
     def healthz():
         """200 when `SELECT 1` answers; otherwise the error handlers answer 503."""
-        models.ping(db.get_session())
+        models.ping(db.get_session(single_statement=True))
         return jsonify(status="ok")
 
     @app.get("/stats")

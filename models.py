@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -42,16 +43,28 @@ todos = Table(
 _all_todos = select(todos).order_by(todos.c.id)
 
 
+def _dicts(result) -> list[dict]:
+    """Rows as plain dicts for JSON. `all()` fetches in one call (iterating fetches row by
+    row), and zip() costs about half of `dict(row) for row in result.mappings()`."""
+    keys = tuple(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result.all()]
+
+
 def all_todos(session: Session) -> list[dict]:
     """Every todo by id, as the original demo returned after each sleep."""
-    return [dict(row) for row in session.execute(_all_todos).mappings()]
+    return _dicts(session.execute(_all_todos))
+
+
+# Built once: limit, offset and done are bound parameters, so per request nothing is rebuilt.
+_page = select(todos).order_by(todos.c.id).limit(bindparam("limit")).offset(bindparam("offset"))
+_page_by_done = _page.where(todos.c.done == bindparam("done"))
 
 
 def list_todos(session: Session, limit: int, offset: int, done: bool | None = None) -> list[dict]:
-    query = select(todos).order_by(todos.c.id).limit(limit).offset(offset)
-    if done is not None:
-        query = query.where(todos.c.done == done)
-    return [dict(row) for row in session.execute(query).mappings()]
+    parameters = {"limit": limit, "offset": offset}
+    if done is None:
+        return _dicts(session.execute(_page, parameters))
+    return _dicts(session.execute(_page_by_done, {**parameters, "done": done}))
 
 
 def get_todo(session: Session, todo_id: int) -> dict | None:

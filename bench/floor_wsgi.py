@@ -1,0 +1,51 @@
+"""The floor for this stack: raw WSGI + psycopg2 + psycogreen under gunicorn's gevent worker.
+
+No Flask, no SQLAlchemy: a small LIFO pool of autocommit connections and one query. It
+answers GET /todos with the same JSON body as the app, so the difference is the framework.
+
+    BENCH_DSN=... gunicorn bench.floor_wsgi:application -k gevent -w 2
+"""
+
+import json
+import os
+
+import psycopg2
+from gevent.queue import LifoQueue
+from psycogreen.gevent import patch_psycopg
+
+patch_psycopg()  # imported by the gevent worker after monkey-patching
+
+DSN = os.environ["BENCH_DSN"]
+POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "20"))
+QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
+
+_idle: LifoQueue = LifoQueue()
+_opened = 0
+
+
+def _connection():
+    """An idle connection, a new one while under POOL_SIZE, else wait for one."""
+    global _opened
+    if _idle.empty() and _opened < POOL_SIZE:
+        _opened += 1
+        connection = psycopg2.connect(DSN)
+        connection.autocommit = True
+        return connection
+    return _idle.get()
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] != "/todos":
+        start_response("404 Not Found", [("Content-Type", "application/json")])
+        return [b'{"error":"not found"}\n']
+    connection = _connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(QUERY)
+            rows = cursor.fetchall()
+    finally:
+        _idle.put(connection)
+    todos = [{"id": i, "title": t, "done": d, "priority": p} for i, t, d, p in rows]
+    body = (json.dumps({"todos": todos, "limit": 100, "offset": 0}, separators=(",", ":")) + "\n").encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
