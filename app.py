@@ -50,20 +50,20 @@ def _register_routes(app: Flask) -> None:
         """`time.sleep(S)`: blocks the worker unless gevent has patched `time`."""
         seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
         time.sleep(seconds)
-        return jsonify(todos=models.all_todos(db.get_session()))
+        return jsonify(todos=models.all_todos(db.get_session(read_only=True)))
 
     @app.get("/sleep/postgres/")
     def sleep_postgres():
         """`SELECT pg_sleep(S)`: blocks the worker unless psycopg2's wait callback is green."""
         seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
-        session = db.get_session()
+        session = db.get_session(read_only=True)
         models.pg_sleep(session, seconds)
         return jsonify(todos=models.all_todos(session))
 
     @app.get("/todos")
     def list_todos():
         limit, offset, done = validation.page(request.args)
-        todos = models.list_todos(db.get_session(single_statement=True), limit, offset, done)
+        todos = models.list_todos(db.get_session(read_only=True), limit, offset, done)
         return jsonify(todos=todos, limit=limit, offset=offset)
 
     @app.post("/todos")
@@ -79,7 +79,7 @@ def _register_routes(app: Flask) -> None:
 
     @app.get("/todos/<int:todo_id>")
     def get_todo(todo_id: int):
-        todo = models.get_todo(db.get_session(single_statement=True), validation.todo_id(todo_id))
+        todo = models.get_todo(db.get_session(read_only=True), validation.todo_id(todo_id))
         return jsonify(_found(todo))
 
     @app.patch("/todos/<int:todo_id>")
@@ -100,7 +100,7 @@ def _register_routes(app: Flask) -> None:
     @app.get("/healthz")
     def healthz():
         """200 when `SELECT 1` answers; otherwise the error handlers answer 503."""
-        models.ping(db.get_session(single_statement=True))
+        models.ping(db.get_session(read_only=True))
         return jsonify(status="ok")
 
     @app.get("/stats")

@@ -245,29 +245,30 @@ def check_connection_budget(workers: int) -> None:
 # --- one session per request -------------------------------------------------------------
 
 
-def get_session(single_statement: bool = False) -> Session:
+def get_session(read_only: bool = False) -> Session:
     """The request's session, opened on first use (routes that need no database open none).
 
-    `single_statement=True` is for routes that run one SELECT and nothing else: see
-    `_driver_autocommit_on`.
+    Writes get one transaction, committed once by the route or rolled back at teardown.
+    `read_only=True` is for routes that only run SELECTs: see `_driver_autocommit_on`.
     """
     if "db_session" not in g:
         session = Session(get_engine())
-        if single_statement:
+        if read_only:
             _driver_autocommit_on(session)
         g.db_session = session
     return g.db_session
 
 
 def _driver_autocommit_on(session: Session) -> None:
-    """Let the session's one SELECT be its own transaction: two round trips fewer.
+    """Let each of a read-only session's SELECTs be its own transaction: two round trips fewer.
 
     In a transaction psycopg2 sends BEGIN before the first statement and the session's close
-    sends ROLLBACK. SQLAlchemy's isolation_level="AUTOCOMMIT" would avoid those but sends
-    `SET default_transaction_isolation` on checkout and again on return (psycopg2's
-    set_isolation_level), so nothing is saved. Setting the driver's `autocommit` attribute
-    sends nothing; psycopg2's rollback is then a no-op, and `_driver_autocommit_off` puts
-    the attribute back when the connection returns to the pool. Measured in BENCHMARKS.md.
+    sends ROLLBACK; a read-only request gains nothing from them. SQLAlchemy's
+    isolation_level="AUTOCOMMIT" would avoid those but sends `SET default_transaction_isolation`
+    on checkout and again on return (psycopg2's set_isolation_level), so nothing is saved.
+    Setting the driver's `autocommit` attribute sends nothing; psycopg2's rollback is then a
+    no-op, and `_driver_autocommit_off` puts the attribute back when the connection returns
+    to the pool. Measured in BENCHMARKS.md.
     """
     session.connection().connection.driver_connection.autocommit = True
 

@@ -161,6 +161,7 @@ class Report:
     concurrency: float = 0.0
     efficiency: float | None = None
     waves: list = field(default_factory=list)
+    ok_waves: list = field(default_factory=list)
     done_times: list = field(default_factory=list)
 
     @property
@@ -191,6 +192,7 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
         concurrency=sum(latencies) / wall if wall else 0.0,
         efficiency=min(seconds / wall, 1.0) if wall and seconds else None,
         waves=find_waves(done_times, wave_gap(seconds)),
+        ok_waves=find_waves([o.done_at for o in outcomes if o.status and 200 <= o.status < 300], wave_gap(seconds)),
         done_times=done_times,
     )
 
@@ -218,7 +220,10 @@ def print_summary(report: Report) -> None:
         line += f"   efficiency {report.efficiency:.2f} (ideal {report.ideal:.2f} s, observed {report.wall:.2f} s)"
     console.print(line)
     if report.ideal:
-        console.print(f"  [bold]waves[/]     {describe_waves(report.waves)}")
+        line = f"  [bold]waves[/]     {describe_waves(report.waves)}"
+        if report.ok_waves != report.waves:
+            line += f"; of the 2xx answers: {describe_waves(report.ok_waves)}"
+        console.print(line)
 
 
 def describe_waves(waves: list[int]) -> str:
@@ -350,22 +355,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(port: int, worker_args: list[str], env_overrides: dict, log_path: Path) -> subprocess.Popen:
-    """Start this project's gunicorn on 127.0.0.1:`port`; the caller stops it by PID."""
+def start_server(
+    port: int, worker_args: list[str], env_overrides: dict, log_path: Path, wsgi_app: str = "app:app"
+) -> subprocess.Popen:
+    """Start gunicorn (this project's app by default) on 127.0.0.1:`port`; the caller stops it by PID."""
     env = {**os.environ, **env_overrides}
-    command = [sys.executable, "-m", "gunicorn", "app:app", "-b", f"127.0.0.1:{port}", *worker_args]
+    command = [sys.executable, "-m", "gunicorn", wsgi_app, "-b", f"127.0.0.1:{port}", *worker_args]
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-async def wait_until_ready(base_url: str, process: subprocess.Popen, within: float = 30.0) -> None:
+async def wait_until_ready(
+    base_url: str, process: subprocess.Popen, within: float = 30.0, path: str = "/healthz"
+) -> None:
     deadline = time.monotonic() + within
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with status {process.returncode}")
             try:
-                async with session.get(base_url + "/healthz") as response:
+                async with session.get(base_url + path) as response:
                     if response.status == 200:
                         return
             except (TimeoutError, aiohttp.ClientError):

@@ -115,7 +115,7 @@ def test_enough_slots_is_one_wave_and_full_efficiency(tmp_path):
 
 def test_many_requests_show_a_progress_bar_not_lines():
     with SlotServer(slots=1000) as server:
-        result = run("250", "--url", server.url, "--seconds", "0.2", "--routes", "python")
+        result = run("250", "--url", server.url, "--seconds", "0.5", "--routes", "python")
     assert result.returncode == 0, result.stderr
     assert not LINE.search(result.stdout)
     assert "1 wave: 250" in result.stdout

@@ -1,0 +1,288 @@
+"""`make bench`: the speed figures, printed as tables and written to BENCHMARKS.md.
+
+Every figure is the median of BENCH_RUNS runs (default 3), and the runs of the things
+compared are made in this invocation, alternating, so a ratio never mixes two moments.
+
+1. concurrency efficiency (wall / ideal) for N = 5, 100, 1000 on both sleep routes;
+2. the original design's pool (5 + 10 overflow, 30 s timeout) beside the defaults;
+3. throughput of GET /todos (50 rows) with wrk against the app (gevent and sync), the raw
+   WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg peer (bench/peer_aiohttp.py);
+4. the load tester's own closed-loop capacity against wrk's on the same server.
+"""
+
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import db  # noqa: E402
+import loadtest  # noqa: E402
+import seed  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SLEEP = float(os.environ.get("BENCH_SECONDS", "1"))
+ORIGINAL_SLEEP = float(os.environ.get("BENCH_ORIGINAL_SECONDS", "2"))
+WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "8"))
+PROCESSES = "2"
+LOG = Path(tempfile.gettempdir()) / "greenflask-bench.log"
+ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT": "30"}
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+@contextmanager
+def server(worker_args: list[str], env: dict | None = None, wsgi_app: str = "app:app", ready_path: str = "/healthz"):
+    """A gunicorn on a free port for the duration of the block, stopped by its PID."""
+    port = loadtest.free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    process = loadtest.start_server(port, worker_args, env or {}, LOG, wsgi_app=wsgi_app)
+    try:
+        asyncio.run(loadtest.wait_until_ready(base_url, process, path=ready_path))
+        yield base_url
+    finally:
+        loadtest.stop_server(process)
+
+
+def libpq_dsn(url: str) -> str:
+    """The same database as a libpq/asyncpg DSN (the embedded server's is a unix socket)."""
+    parsed = make_url(url)
+    host = parsed.query.get("host") or parsed.host or "localhost"
+    parts = {"dbname": parsed.database, "user": parsed.username or "postgres", "host": host}
+    if parsed.port:
+        parts["port"] = parsed.port
+    if parsed.password:
+        parts["password"] = parsed.password
+    return " ".join(f"{key}={value}" for key, value in parts.items())
+
+
+def asyncpg_dsn(url: str) -> str:
+    parsed = make_url(url)
+    host = parsed.query.get("host")
+    base = parsed.set(drivername="postgresql", query={}).render_as_string(hide_password=False)
+    return f"{base}?host={host}" if host else base
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+def burst_report(base_url: str, route: str, count: int, seconds: float) -> loadtest.Report:
+    url = f"{base_url}{loadtest.ROUTES[route]}?seconds={seconds:g}"
+
+    async def run():
+        async with loadtest.client_session(120) as session:
+            return await loadtest.burst(session, url, count)
+
+    outcomes, wall = asyncio.run(run())
+    return loadtest.summarize(route, url, outcomes, wall, seconds)
+
+
+def wrk(url: str, connections: int = 64, threads: int = 2) -> dict:
+    """wrk -t2 -c64: requests/s and p99 latency (ms)."""
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{WRK_SECONDS}s", "--latency", url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", output)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def loadtest_closed_loop(url: str, connections: int = 64) -> float:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, str(ROOT / "loadtest.py"), "-c", str(connections), "-d", str(WRK_SECONDS),
+                   "/todos", "--url", url, "--json", out.name]
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(Path(out.name).read_text())["reports"][0]["requests_per_second"]
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+# --- the four sections ---------------------------------------------------------------------
+
+
+def concurrency_efficiency() -> list[dict]:
+    counts = (5, 100, 1000)
+    runs: dict[tuple, list[loadtest.Report]] = {}
+    with server(["-k", "gevent"]) as base_url:
+        burst_report(base_url, "postgres", 100, 0)  # open the pool's connections once
+        for _ in range(RUNS):
+            for count in counts:
+                for route in loadtest.ROUTES:
+                    runs.setdefault((count, route), []).append(burst_report(base_url, route, count, SLEEP))
+    rows = []
+    for (count, route), reports in runs.items():
+        middle = sorted(reports, key=lambda report: report.wall)[len(reports) // 2]
+        rows.append({
+            "n": count, "route": route, "wall": middle.wall, "ratio": middle.wall / SLEEP,
+            "statuses": middle.statuses, "errors": middle.errors, "waves": middle.waves,
+            "ok_waves": middle.ok_waves, "p50": middle.latency["p50"], "max": middle.latency["max"],
+        })
+    return rows
+
+
+def original_pool() -> list[dict]:
+    configs = {"original pool 5 + 10, 30 s": ORIGINAL_POOL, "defaults 100 + 0, 3 s": {}}
+    results: dict[str, list[loadtest.Report]] = {name: [] for name in configs}
+    for _ in range(RUNS):
+        for name, env in configs.items():
+            with server(["-k", "gevent"], env) as base_url:
+                results[name].append(burst_report(base_url, "postgres", 100, ORIGINAL_SLEEP))
+    rows = []
+    for name, reports in results.items():
+        middle = sorted(reports, key=lambda report: report.wall)[len(reports) // 2]
+        rows.append({"config": name, "wall": middle.wall, "statuses": middle.statuses, "waves": middle.ok_waves})
+    return rows
+
+
+def throughput(url: str) -> list[dict]:
+    dsn = {"BENCH_DSN": libpq_dsn(url)}
+    servers = {
+        "app, gevent (this project)": (["-k", "gevent", "-w", PROCESSES], {}, "app:app", "/healthz"),
+        "app, sync workers": (["-w", PROCESSES], {}, "app:app", "/healthz"),
+        "raw WSGI + psycopg2 + psycogreen (floor)": (
+            ["-k", "gevent", "-w", PROCESSES, "--no-control-socket"], dsn, "bench.floor_wsgi:application", "/todos"),
+        "aiohttp + asyncpg (peer)": (
+            ["-k", "aiohttp.GunicornWebWorker", "-w", PROCESSES, "--no-control-socket"],
+            {"BENCH_DSN": asyncpg_dsn(url)}, "bench.peer_aiohttp:create_app", "/todos"),
+    }
+    figures: dict[str, list[dict]] = {name: [] for name in servers}
+    with ExitStack() as stack:
+        urls = {name: stack.enter_context(server(args, env, app, ready)) for name, (args, env, app, ready) in
+                servers.items()}
+        bodies = {name: _body(base + "/todos") for name, base in urls.items()}
+        if len(set(bodies.values())) != 1:
+            raise SystemExit(f"the servers' /todos bodies differ: { {k: len(v) for k, v in bodies.items()} }")
+        for _ in range(RUNS):
+            for name, base in urls.items():
+                figures[name].append(wrk(base + "/todos"))
+    floor = median(run["rps"] for run in figures["raw WSGI + psycopg2 + psycogreen (floor)"])
+    return [
+        {
+            "server": name,
+            "rps": median(run["rps"] for run in runs),
+            "p99_ms": median(run["p99_ms"] for run in runs),
+            "non_2xx": sum(run["non_2xx"] for run in runs),
+            "of_floor": median(run["rps"] for run in runs) / floor,
+            "body_bytes": len(bodies[name]),
+        }
+        for name, runs in figures.items()
+    ]
+
+
+def client_capacity(url: str) -> dict:
+    """The load tester's closed loop against wrk on the fastest server here (the floor)."""
+    env = {"BENCH_DSN": libpq_dsn(url)}
+    args = ["-k", "gevent", "-w", PROCESSES, "--no-control-socket"]
+    runs: dict[str, list[float]] = {"wrk -t2 -c64": [], "wrk -t1 -c64": [], "loadtest.py -c 64": []}
+    with server(args, env, "bench.floor_wsgi:application", "/todos") as base_url:
+        for _ in range(RUNS):
+            runs["wrk -t2 -c64"].append(wrk(base_url + "/todos")["rps"])
+            runs["wrk -t1 -c64"].append(wrk(base_url + "/todos", threads=1)["rps"])
+            runs["loadtest.py -c 64"].append(loadtest_closed_loop(base_url))
+    return {name: median(values) for name, values in runs.items()}
+
+
+def _body(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def machine_facts(url: str) -> list[str]:
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+    with engine.connect() as conn:
+        server_version = conn.scalar(text("SHOW server_version"))
+    engine.dispose()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0].strip()
+    packages = ", ".join(f"{name} {metadata.version(name)}" for name in
+                         ("Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn", "aiohttp",
+                          "asyncpg"))
+    return [
+        f"- {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}; {packages}",
+        f"- PostgreSQL {server_version} ({'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded'})",
+        f"- {wrk_version}; every figure the median of {RUNS} runs, compared runs alternating",
+    ]
+
+
+def statuses_text(statuses: dict, errors: dict | None = None) -> str:
+    shown = [f"{count} x {status}" for status, count in statuses.items()]
+    shown += [f"{count} x {kind}" for kind, count in (errors or {}).items()]
+    return ", ".join(shown)
+
+
+def render(facts, efficiency, original, speed, client) -> str:
+    lines = ["# Benchmarks", "", f"Made by `make bench` on {time.strftime('%Y-%m-%d')}.", "", *facts, ""]
+    lines += [f"## 1. Concurrency efficiency (default configuration, 1 gevent worker, {SLEEP:g} s sleeps)", "",
+              "| N | route | wall | wall / ideal | answers | waves of 2xx | latency p50 / max |",
+              "|---|---|---|---|---|---|---|"]
+    for row in efficiency:
+        lines.append(f"| {row['n']} | {row['route']} | {row['wall']:.2f} s | {row['ratio']:.3f} | "
+                     f"{statuses_text(row['statuses'], row['errors'])} | {loadtest.describe_waves(row['ok_waves'])} | "
+                     f"{row['p50']:.2f} / {row['max']:.2f} s |")
+    lines += ["", f"## 2. The original design's pool, N = 100 on /sleep/postgres/, {ORIGINAL_SLEEP:g} s sleeps", "",
+              "| pool | wall | answers | waves of 2xx |", "|---|---|---|---|"]
+    for row in original:
+        lines.append(f"| {row['config']} | {row['wall']:.2f} s | {statuses_text(row['statuses'])} | "
+                     f"{loadtest.describe_waves(row['waves'])} |")
+    lines += ["", f"## 3. Throughput, GET /todos (50 rows), wrk -t2 -c64 -d{WRK_SECONDS}s, {PROCESSES} processes each",
+              "", "| server | req/s | p99 | of the floor | non-2xx |", "|---|---|---|---|---|"]
+    for row in speed:
+        lines.append(f"| {row['server']} | {row['rps']:,.0f} | {row['p99_ms']:.1f} ms | {row['of_floor']:.2f} | "
+                     f"{row['non_2xx']} |")
+    lines += ["", "## 4. The load tester's own capacity (closed loop, 64 workers, against the floor)", "",
+              "| client | req/s | loadtest.py / this |", "|---|---|---|"]
+    for name, rps in client.items():
+        lines.append(f"| {name} | {rps:,.0f} | {client['loadtest.py -c 64'] / rps:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    url = db.database_url()
+    seed.seed(create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool), reset=True)
+    print(f"benchmarking against {make_url(url).render_as_string(hide_password=True)}; server log: {LOG}", flush=True)
+    facts = machine_facts(url)
+    print("1/4 concurrency efficiency ...", flush=True)
+    efficiency = concurrency_efficiency()
+    print("2/4 the original pool ...", flush=True)
+    original = original_pool()
+    print("3/4 throughput ...", flush=True)
+    speed = throughput(url)
+    print("4/4 the load tester's capacity ...", flush=True)
+    client = client_capacity(url)
+    report = render(facts, efficiency, original, speed, client)
+    print(report)
+    target = Path(os.environ.get("BENCH_OUTPUT", ROOT / "BENCHMARKS.md"))
+    existing = target.read_text() if target.exists() else ""
+    notes = existing[existing.index("## Notes"):] if "## Notes" in existing else ""
+    target.write_text(report + ("\n" + notes if notes else ""))
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
