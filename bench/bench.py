@@ -38,7 +38,7 @@ import seed  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SLEEP = float(os.environ.get("BENCH_SECONDS", "1"))
-ORIGINAL_SLEEP = float(os.environ.get("BENCH_ORIGINAL_SECONDS", "2"))
+ORIGINAL_SLEEP = float(os.environ.get("BENCH_ORIGINAL_SECONDS", "5"))
 WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "8"))
 PROCESSES = "2"
 LOG = Path(tempfile.gettempdir()) / "greenflask-bench.log"

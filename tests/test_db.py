@@ -76,3 +76,26 @@ def test_write_session_commits_once_or_rolls_back(app_engine, seeded):
         db.close_session()  # teardown without commit
     with Session(app_engine) as check:
         assert check.scalar(text("SELECT title FROM todos WHERE id = 1")) != "not committed"
+
+
+def test_several_processes_starting_the_embedded_server_at_once_share_one(tmp_path):
+    """Workers booting together must not run initdb twice or start two servers."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pgdata = tmp_path / "pgdata"
+    script = f"import db, pathlib; print(db.start_embedded(pathlib.Path({str(pgdata)!r})))"
+    starters = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
+    try:
+        urls = {starter.communicate(timeout=120)[0].strip() for starter in starters}
+        assert all(starter.returncode == 0 for starter in starters)
+        assert len(urls) == 1 and urls.pop().startswith("postgresql://")
+        postmaster_pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        assert os.path.exists(f"/proc/{postmaster_pid}")
+    finally:
+        db.stop_embedded(pgdata)
+    assert not (pgdata / "postmaster.pid").exists()

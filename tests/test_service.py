@@ -208,3 +208,14 @@ def test_no_connection_left_checked_out_after_a_burst(green_server, engine):
     burst(green_server.url("/nope"), 10)
     assert green_server.stats()["pool"]["checked_out"] == 0
     assert busy_connections(engine, green_server.application_name) == 0
+
+
+def test_workers_warn_when_pools_exceed_max_connections(start_server):
+    server = start_server("-k", "gevent", "-w", "2", env={"DB_POOL_SIZE": "400"})
+    try:
+        assert server.get("/todos").status == 200, "the pool opens connections only on demand"
+    finally:
+        server.stop()
+    log = server.log()
+    assert "pool may exceed the server: 2 workers x (pool_size 400 + max_overflow 0) = 800" in log
+    assert "mode=gevent wait_callback=on pool_size=400 max_overflow=0" in log
