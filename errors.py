@@ -54,14 +54,20 @@ def _pool_timeout(error: sa_exc.TimeoutError):
 def _database_error(error: sa_exc.DBAPIError):
     """Statement timeout -> 504; anything on the connection's side -> 503."""
     if isinstance(error.orig, pg_errors.QueryCanceled):
-        log.warning("504 statement_timeout: %s", str(error.orig).strip().splitlines()[0])
+        log.warning("504 statement_timeout: %s", _first_line(error.orig))
         return error_response(504, "statement_timeout", "the database took too long to answer")
     if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
-        log.warning("503 database_unavailable: %s", str(error.orig).strip().splitlines()[0])
+        log.warning("503 database_unavailable: %s", _first_line(error.orig))
         return error_response(
             503, "database_unavailable", "the database cannot be reached; retry shortly", RETRY_AFTER_SECONDS
         )
     return _unexpected(error)
+
+
+def _first_line(error: BaseException) -> str:
+    """The driver's message without its SQL context lines, for a one-line log entry."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _unexpected(error: Exception):

@@ -4,16 +4,15 @@ No worker class is forced: `gunicorn app:app` is the sync mode, `-k gevent` the 
 """
 
 import logging
-import os
 
 import db
-from config import Settings
+from config import Settings, env_number
 
 bind = "127.0.0.1:8000"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+workers = env_number("WEB_CONCURRENCY", 1, minimum=1)
 # The sync worker is killed when one request holds it longer than this; the gevent worker
 # only when its event loop is blocked this long (PSYCOGREEN=0 with many pg_sleeps).
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+timeout = env_number("GUNICORN_TIMEOUT", 120, minimum=1)
 graceful_timeout = 30
 # gunicorn 27 opens a control socket at a fixed path by default; servers side by side
 # (tests, benchmarks) would fight over it.
