@@ -37,8 +37,8 @@ START_HINT = "start it with: gunicorn app:app -k gevent   (after: python seed.py
 # The original README's figures, N=5, 5 s sleeps: (python, postgres, SUM TOTAL) per mode.
 ORIGINAL = {"sync": (25.09, 25.05, 50.15), "gevent": (5.08, 25.06, 30.14), "gevent+green": (5.04, 5.03, 10.07)}
 MODES = {
-    # mode: (gunicorn worker args, PSYCOGREEN, routes that run concurrently)
-    "sync": ([], "0", ()),
+    # mode: (gunicorn worker args, PSYCOGREEN ("" = unset: auto), routes that run concurrently)
+    "sync": ([], "", ()),
     "gevent": (["-k", "gevent"], "0", ("python",)),
     "gevent+green": (["-k", "gevent"], "1", ("python", "postgres")),
 }
@@ -227,8 +227,8 @@ def print_summary(report: Report) -> None:
 
 
 def describe_waves(waves: list[int]) -> str:
-    """'1 wave: 100', '3 waves: 3, 3, 3'; long runs of one size as '25 waves of 1'."""
-    if len(waves) > 5 and len(set(waves)) == 1:
+    """'1 wave: 100', '3 waves of 3', '4 waves: 100, 100, 100, 97'."""
+    if len(waves) > 1 and len(set(waves)) == 1:
         return f"{len(waves)} waves of {waves[0]}"
     word = "wave" if len(waves) == 1 else "waves"
     return f"{len(waves)} {word}: {', '.join(map(str, waves))}"
@@ -407,7 +407,8 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
     for mode, (worker_args, green, _) in MODES.items():
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        console.print(f"[bold]{mode}[/]: gunicorn app:app {' '.join(worker_args)} (PSYCOGREEN={green}) on {base_url}")
+        command = " ".join([f"PSYCOGREEN={green}"] * bool(green) + ["gunicorn app:app", *worker_args])
+        console.print(f"[bold]{mode}[/]: {command}  (on {base_url})")
         process = start_server(port, worker_args, {"PSYCOGREEN": green}, log_path)
         try:
             await wait_until_ready(base_url, process)
@@ -437,7 +438,7 @@ def _seed_database() -> None:
 
 def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
     table = Table(title=f"N={count} concurrent requests per route, {seconds:g} s sleeps")
-    for column in ("mode", "route", "observed", "ideal", "original (N=5, 5 s)", "waves"):
+    for column in ("mode", "route", "observed", "ideal", "original", "waves"):
         table.add_column(column, justify="left" if column in ("mode", "route", "waves") else "right")
     for row in rows:
         original = f"{row['original']:.2f} s" if row["original"] is not None else "-"
@@ -453,6 +454,8 @@ def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
             style="bold",
         )
     console.print(table)
+    if rows[0]["original"] is None:
+        console.print("The original README's figures are for N=5 and 5 s sleeps: --matrix 5 --seconds 5.")
 
 
 # --- command line ------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_three_slots_nine_requests_show_three_waves_of_three(three_slots, tmp_pa
     assert out.startswith(f"Sending 9 requests for {three_slots.url}/sleep/postgres/?seconds=0.3...\n")
     assert len(LINE.findall(out)) == 9
     assert re.search(r"^\t= +0\.9\ds TOTAL$", out, re.MULTILINE), out
-    assert "3 waves: 3, 3, 3" in out
+    assert "3 waves of 3" in out
     assert "200 x 9" in out
     assert re.search(r"^SUM TOTAL = 0\.9\ds$", out, re.MULTILINE)
 
