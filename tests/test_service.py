@@ -1,5 +1,8 @@
 """The service: modes, routes, sessions and pool, failure answers, --preload."""
 
+import threading
+import time
+
 import pytest
 from conftest import burst, busy_connections, request, row_count
 
@@ -156,8 +159,6 @@ def test_pool_exhausted_is_fast_503_with_retry_after(start_server):
 def test_pool_exhausted_answer_has_retry_after(start_server):
     server = start_server("-k", "gevent", env={"DB_POOL_SIZE": "1", "DB_POOL_TIMEOUT": "0.2"})
     try:
-        import threading
-
         holder = threading.Thread(target=server.get, args=("/sleep/postgres/?seconds=1.5",))
         holder.start()
         answer = server.get("/todos") if _wait_checked_out(server) else None
@@ -169,8 +170,6 @@ def test_pool_exhausted_answer_has_retry_after(start_server):
 
 
 def _wait_checked_out(server, within: float = 5) -> bool:
-    import time
-
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if server.stats()["pool"]["checked_out"]:
