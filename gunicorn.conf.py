@@ -3,8 +3,6 @@
 No worker class is forced: `gunicorn app:app` is the sync mode, `-k gevent` the green one.
 """
 
-import logging
-
 import db
 from config import Settings, env_number
 
@@ -30,6 +28,5 @@ def on_starting(server):
 def post_worker_init(worker):
     """In each worker, after gevent's monkey-patching: choose the wait callback, make the
     engine, log the mode and check that the pools fit in the server's max_connections."""
-    logging.getLogger().setLevel(logging.INFO)
     db.get_engine()
     db.check_connection_budget(worker.cfg.workers)

@@ -6,12 +6,11 @@ The seed todos have fixed ids 1..N, so running it twice leaves N rows, not 2N.
 import sys
 
 import click
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 import db
 from models import metadata, todos
@@ -48,7 +47,7 @@ def main(reset: bool, count: int) -> None:
     """Create the todos table if missing and make sure the seed todos exist."""
     try:
         url = db.database_url()
-        engine = create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+        engine = db.script_engine(url)
         inserted = seed(engine, count=count, reset=reset)
         with engine.connect() as conn:
             total = conn.scalar(select(func.count()).select_from(todos))

@@ -25,9 +25,8 @@ from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -211,7 +210,7 @@ def _body(url: str) -> bytes:
 
 
 def machine_facts(url: str) -> list[str]:
-    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+    engine = db.script_engine(url)
     with engine.connect() as conn:
         server_version = conn.scalar(text("SHOW server_version"))
     engine.dispose()
@@ -264,7 +263,7 @@ def render(facts, efficiency, original, speed, client) -> str:
 
 def main() -> None:
     url = db.database_url()
-    seed.seed(create_engine(make_url(url).set(drivername="postgresql+psycopg2"), poolclass=NullPool), reset=True)
+    seed.seed(db.script_engine(url), reset=True)
     print(f"benchmarking against {make_url(url).render_as_string(hide_password=True)}; server log: {LOG}", flush=True)
     facts = machine_facts(url)
     print("1/4 concurrency efficiency ...", flush=True)

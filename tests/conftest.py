@@ -12,9 +12,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +45,7 @@ def database_url():
 
 @pytest.fixture(scope="session")
 def engine(database_url):
-    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+    engine = db.script_engine(database_url)
     yield engine
     engine.dispose()
 

@@ -10,9 +10,7 @@ import time
 
 import pytest
 from conftest import burst, busy_connections, open_connections, request, row_count, send_many
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
 import db
 import seed
@@ -23,7 +21,7 @@ def own_postgres(tmp_path_factory):
     """An embedded PostgreSQL only this module uses; stopped by its own pg_ctl at the end."""
     pgdata = tmp_path_factory.mktemp("own") / "pgdata"
     url = db.ensure_database(db.start_embedded(pgdata), "greenflask")
-    engine = create_engine(make_url(url), poolclass=NullPool)
+    engine = db.script_engine(url)
     seed.seed(engine)
     yield pgdata, url, engine
     engine.dispose()
