@@ -3,11 +3,16 @@
 Every figure is the median of BENCH_RUNS runs (default 3), and the runs of the things
 compared are made in this invocation, alternating, so a ratio never mixes two moments.
 
-1. concurrency efficiency (wall / ideal) for N = 5, 100, 1000 on both sleep routes;
+1. concurrency efficiency (wall / ideal) for N = 5, 100, 1000 on both sleep routes, with
+   1 s and 2 s sleeps;
 2. the original design's pool (5 + 10 overflow, 30 s timeout) beside the defaults;
 3. throughput of GET /todos (50 rows) with wrk against the app (gevent and sync), the raw
-   WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg peer (bench/peer_aiohttp.py);
+   WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg peer (bench/peer_aiohttp.py),
+   with the CPU each server and PostgreSQL spend per request;
 4. the load tester's own closed-loop capacity against wrk's on the same server.
+
+Shorter runs for a quick look: BENCH_RUNS (3), BENCH_SECONDS (sleeps, "1,2"),
+BENCH_ORIGINAL_SECONDS (5), BENCH_WRK_SECONDS (8), BENCH_OUTPUT (BENCHMARKS.md).
 """
 
 import asyncio
