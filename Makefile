@@ -24,5 +24,5 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench.py
 
 clean:
-	-$(PY) db.py stop
+	-$(PY) embedded_pg.py stop
 	rm -rf $(VENV) .pgdata .pytest_cache .ruff_cache .hypothesis

@@ -43,6 +43,7 @@ class Settings:
     max_overflow: int
     pool_timeout: float
     pool_recycle: int
+    connect_timeout: float
     statement_timeout_ms: int
     application_name: str
     psycogreen: str
@@ -60,6 +61,8 @@ class Settings:
             # Waiting longer than this for a connection answers 503 instead of hanging.
             pool_timeout=env_number("DB_POOL_TIMEOUT", 3.0, float),
             pool_recycle=env_number("DB_POOL_RECYCLE", 1800),
+            # Bounds connecting and the liveness check of a pooled connection (green.py).
+            connect_timeout=env_number("DB_CONNECT_TIMEOUT", 5.0, float, minimum=0.1),
             # Above SLEEP_MAX_SECONDS, so the longest allowed pg_sleep still answers.
             statement_timeout_ms=env_number("DB_STATEMENT_TIMEOUT", 65_000),
             application_name=os.environ.get("DB_APPLICATION_NAME") or "greenflask",

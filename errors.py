@@ -12,6 +12,8 @@ from psycopg2 import errors as pg_errors
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from green import DatabaseTimeout
+
 log = logging.getLogger("greenflask.errors")
 
 RETRY_AFTER_SECONDS = 1
@@ -25,6 +27,12 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def first_line(error: BaseException) -> str:
+    """The driver's message without its SQL context lines, for a one-line log entry."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def error_response(status: int, code: str, message: str, retry_after: int | None = None):
@@ -51,23 +59,31 @@ def _pool_timeout(error: sa_exc.TimeoutError):
     )
 
 
+def _statement_timeout(cause: str):
+    log.warning("504 statement_timeout: %s", cause)
+    return error_response(504, "statement_timeout", "the database took too long to answer", RETRY_AFTER_SECONDS)
+
+
+def _database_unavailable(cause: str):
+    log.warning("503 database_unavailable: %s", cause)
+    return error_response(
+        503, "database_unavailable", "the database cannot be reached; retry shortly", RETRY_AFTER_SECONDS
+    )
+
+
 def _database_error(error: sa_exc.DBAPIError):
-    """Statement timeout -> 504; anything on the connection's side -> 503."""
+    """A statement too slow (the server's statement_timeout, or the worker's bound on a
+    statement) -> 504; connecting, the liveness check or a lost connection -> 503."""
+    cause = first_line(error.orig)
+    if isinstance(error.orig, DatabaseTimeout):
+        if error.orig.phase == "statement":
+            return _statement_timeout(f"{cause} (bound in the worker)")
+        return _database_unavailable(f"{cause} (bound in the worker)")
     if isinstance(error.orig, pg_errors.QueryCanceled):
-        log.warning("504 statement_timeout: %s", _first_line(error.orig))
-        return error_response(504, "statement_timeout", "the database took too long to answer")
+        return _statement_timeout(cause)
     if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
-        log.warning("503 database_unavailable: %s", _first_line(error.orig))
-        return error_response(
-            503, "database_unavailable", "the database cannot be reached; retry shortly", RETRY_AFTER_SECONDS
-        )
+        return _database_unavailable(cause)
     return _unexpected(error)
-
-
-def _first_line(error: BaseException) -> str:
-    """The driver's message without its SQL context lines, for a one-line log entry."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _unexpected(error: Exception):

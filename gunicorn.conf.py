@@ -4,6 +4,7 @@ No worker class is forced: `gunicorn app:app` is the sync mode, `-k gevent` the 
 """
 
 import db
+import embedded_pg
 from config import Settings, env_number
 
 bind = "127.0.0.1:8000"
@@ -18,15 +19,15 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """In the master, before any fork: start the embedded database once, print settings."""
+    """In the master, before any fork: print the settings, start the embedded database once."""
     settings = Settings.from_env()
     server.log.info("greenflask settings: %s", settings.describe())
     if not settings.database_url:
-        server.log.info("embedded PostgreSQL: %s", db.database_url(settings))
+        server.log.info("embedded PostgreSQL: %s", embedded_pg.database_url())
 
 
 def post_worker_init(worker):
-    """In each worker, after gevent's monkey-patching: choose the wait callback, make the
-    engine, log the mode and check that the pools fit in the server's max_connections."""
-    db.get_engine()
-    db.check_connection_budget(worker.cfg.workers)
+    """In each worker, after gevent's monkey-patching: the budget check makes the engine
+    (choosing the wait callback and logging the mode) and warns when the pools cannot fit
+    in the server's max_connections."""
+    db.database(worker.wsgi).check_connection_budget(worker.cfg.workers)

@@ -16,12 +16,11 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
+
+import servers
 
 PROJECT_DIR = Path(__file__).resolve().parent
 ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/"}
@@ -48,6 +49,10 @@ console = Console(highlight=False, soft_wrap=True)
 
 class ServerUnreachable(Exception):
     pass
+
+
+class MatrixSetupFailed(Exception):
+    """--matrix could not seed the database or start a server: a one-line reason, exit 2."""
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -170,10 +175,8 @@ class Report:
 
 
 def tally(values) -> dict:
-    counts: dict = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return dict(sorted(counts.items()))
+    """Counts by value, in value order (statuses, error kinds, time slices)."""
+    return dict(sorted(Counter(values).items()))
 
 
 def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds: float) -> Report:
@@ -312,8 +315,8 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
     `duration` seconds. Nothing is printed per request: the client must not be the bottleneck."""
     url = base_url + path
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors: dict[str, int] = {}
+    statuses: Counter = Counter()
+    errors: Counter = Counter()
 
     async def worker(session, deadline):
         clock = time.perf_counter
@@ -323,11 +326,10 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
                     await response.read()
                     status = response.status
             except (TimeoutError, aiohttp.ClientError, OSError) as caught:
-                kind = error_kind(caught)
-                errors[kind] = errors.get(kind, 0) + 1
+                errors[error_kind(caught)] += 1
                 continue
             latencies.append(clock() - sent)
-            statuses[status] = statuses.get(status, 0) + 1
+            statuses[status] += 1
 
     async with client_session(timeout) as session:
         await check_reachable(session, base_url)
@@ -342,57 +344,11 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
         wall=wall,
         ideal=None,
         statuses=dict(sorted(statuses.items())),
-        errors=errors,
+        errors=dict(errors),
         latency=percentiles(latencies),
         requests_per_second=total / wall,
         concurrency=sum(latencies) / wall,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(
-    port: int, worker_args: list[str], env_overrides: dict, log_path: Path, wsgi_app: str = "app:app"
-) -> subprocess.Popen:
-    """Start gunicorn (this project's app by default) on 127.0.0.1:`port`; the caller stops it by PID."""
-    env = {**os.environ, **env_overrides}
-    command = [sys.executable, "-m", "gunicorn", wsgi_app, "-b", f"127.0.0.1:{port}", *worker_args]
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-
-
-async def wait_until_ready(
-    base_url: str, process: subprocess.Popen, within: float = 30.0, path: str = "/healthz"
-) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with status {process.returncode}")
-            try:
-                async with session.get(base_url + path) as response:
-                    if response.status == 200:
-                        return
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"server at {base_url} not ready after {within:.0f} s")
-
-
-def stop_server(process: subprocess.Popen, grace: float = 35.0) -> int:
-    """SIGTERM by PID, then SIGKILL if it has not exited after `grace` seconds."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 def ideal_for(mode: str, route: str, count: int, seconds: float) -> float:
@@ -405,16 +361,19 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
     _seed_database()
     rows = []
     for mode, (worker_args, green, _) in MODES.items():
-        port = free_port()
+        port = servers.free_port()
         base_url = f"http://127.0.0.1:{port}"
         command = " ".join([f"PSYCOGREEN={green}"] * bool(green) + ["gunicorn app:app", *worker_args])
         console.print(f"[bold]{mode}[/]: {command}  (on {base_url})")
-        process = start_server(port, worker_args, {"PSYCOGREEN": green}, log_path)
+        process = servers.start_gunicorn(port, worker_args, {"PSYCOGREEN": green}, log_path)
         try:
-            await wait_until_ready(base_url, process)
+            try:
+                servers.wait_until_ready(base_url, process)
+            except RuntimeError as error:
+                raise MatrixSetupFailed(f"{mode}: {error} (its log: {log_path})") from None
             reports = await run_routes(base_url, count, seconds, list(ROUTES), timeout, quiet=True)
         finally:
-            stop_server(process)
+            servers.stop(process)
         for index, report in enumerate(reports):
             original = ORIGINAL[mode][index] if (count, seconds) == (5, 5) else None
             rows.append(
@@ -433,7 +392,10 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
 
 
 def _seed_database() -> None:
-    subprocess.run([sys.executable, "seed.py"], cwd=PROJECT_DIR, check=True, stdout=subprocess.DEVNULL)
+    seeding = subprocess.run([sys.executable, "seed.py"], cwd=PROJECT_DIR, capture_output=True, text=True)
+    if seeding.returncode != 0:
+        reason = (seeding.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MatrixSetupFailed(f"python seed.py failed: {reason}")
 
 
 def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
@@ -536,6 +498,9 @@ def main(argv=None) -> int:
                 save_plot(reports, args.plot)
     except ServerUnreachable as error:
         print(f"loadtest.py: {error}; {START_HINT}", file=sys.stderr)
+        return 2
+    except MatrixSetupFailed as error:
+        print(f"loadtest.py --matrix: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

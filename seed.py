@@ -13,6 +13,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 import db
+import embedded_pg
+from config import Settings
+from errors import first_line
 from models import metadata, todos
 
 
@@ -46,14 +49,13 @@ def seed(engine: Engine, count: int = 50, reset: bool = False) -> int:
 def main(reset: bool, count: int) -> None:
     """Create the todos table if missing and make sure the seed todos exist."""
     try:
-        url = db.database_url()
-        engine = db.script_engine(url)
+        url = db.database_url(Settings.from_env())
+        engine = embedded_pg.script_engine(url)
         inserted = seed(engine, count=count, reset=reset)
         with engine.connect() as conn:
             total = conn.scalar(select(func.count()).select_from(todos))
     except (SQLAlchemyError, OSError) as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        click.echo(f"seed.py: cannot reach the database: {reason}", err=True)
+        click.echo(f"seed.py: cannot reach the database: {first_line(getattr(error, 'orig', None) or error)}", err=True)
         sys.exit(1)
     where = make_url(url).render_as_string(hide_password=True)
     action = "reset and seeded" if reset else "seeded"

@@ -38,8 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import db  # noqa: E402
+import embedded_pg  # noqa: E402
 import loadtest  # noqa: E402
 import seed  # noqa: E402
+import servers  # noqa: E402
+from config import Settings  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 # The issue allows 1 or 2 s sleeps; both are measured: a fixed cost per request weighs half as
@@ -59,14 +62,16 @@ ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT"
 def server(worker_args: list[str], env: dict | None = None, wsgi_app: str = "app:app", ready_path: str = "/healthz"):
     """A gunicorn on a free port for the duration of the block, stopped by its PID.
     Yields its base URL and the master's PID."""
-    port = loadtest.free_port()
+    port = servers.free_port()
     base_url = f"http://127.0.0.1:{port}"
-    process = loadtest.start_server(port, worker_args, env or {}, LOG, wsgi_app=wsgi_app)
+    # The floor and the peer get a config of their own: none of the app's start-up hooks.
+    config = None if wsgi_app == "app:app" else str(ROOT / "bench" / "gunicorn.conf.py")
+    process = servers.start_gunicorn(port, worker_args, env or {}, LOG, wsgi_app=wsgi_app, config=config)
     try:
-        asyncio.run(loadtest.wait_until_ready(base_url, process, path=ready_path))
+        servers.wait_until_ready(base_url, process, path=ready_path)
         yield base_url, process.pid
     finally:
-        loadtest.stop_server(process)
+        servers.stop(process)
 
 
 def libpq_dsn(url: str) -> str:
@@ -268,7 +273,7 @@ def _body(url: str) -> bytes:
 
 
 def machine_facts(url: str) -> list[str]:
-    engine = db.script_engine(url)
+    engine = embedded_pg.script_engine(url)
     with engine.connect() as conn:
         server_version = conn.scalar(text("SHOW server_version"))
     engine.dispose()
@@ -322,8 +327,8 @@ def render(facts, efficiency, original, speed, client) -> str:
 
 
 def main() -> None:
-    url = db.database_url()
-    seed.seed(db.script_engine(url), reset=True)
+    url = db.database_url(Settings.from_env())
+    seed.seed(embedded_pg.script_engine(url), reset=True)
     print(f"benchmarking against {make_url(url).render_as_string(hide_password=True)}; server log: {LOG}", flush=True)
     facts = machine_facts(url)
     print("1/4 concurrency efficiency ...", flush=True)

@@ -17,20 +17,10 @@ server_pid=$!
 stop() {
   kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
   echo "gunicorn (pid $server_pid) stopped; its log: $LOG"
-  if [ "$embedded" = 1 ]; then $PY db.py stop; fi
+  if [ "$embedded" = 1 ]; then $PY embedded_pg.py stop; fi
 }
 trap stop EXIT
 
-$PY - "$PORT" <<'PYEOF'
-import sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/healthz"
-for _ in range(300):
-    try:
-        urllib.request.urlopen(url, timeout=1)
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit(f"server not ready at {url}")
-PYEOF
+$PY servers.py wait "http://127.0.0.1:$PORT"
 
 $PY loadtest.py --url "http://127.0.0.1:$PORT" "${@:-100}"

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,9 +16,10 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import db  # noqa: E402
+import embedded_pg  # noqa: E402
 import loadtest  # noqa: E402
 import seed  # noqa: E402
+import servers  # noqa: E402
 
 TEST_DATABASE = "greenflask_test"
 # The machine's own PostgreSQL allows 100 connections: keep each test server's pool small.
@@ -37,15 +37,15 @@ def database_url():
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    was_running = (db.EMBEDDED_PGDATA / "postmaster.pid").exists()
-    yield db.ensure_database(db.start_embedded(), TEST_DATABASE)
+    was_running = embedded_pg.is_running()
+    yield embedded_pg.ensure_database(embedded_pg.start(), TEST_DATABASE)
     if not was_running:
-        db.stop_embedded()
+        embedded_pg.stop()
 
 
 @pytest.fixture(scope="session")
 def engine(database_url):
-    engine = db.script_engine(database_url)
+    engine = embedded_pg.script_engine(database_url)
     yield engine
     engine.dispose()
 
@@ -164,7 +164,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        return loadtest.stop_server(self.process)
+        return servers.stop(self.process)
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +174,7 @@ def start_server(database_url, tmp_path_factory):
     started: list[Server] = []
 
     def start(*worker_args: str, env: dict | None = None, database: str | None = None, ready: bool = True) -> Server:
-        port = loadtest.free_port()
+        port = servers.free_port()
         name = f"gf-test-{port}"
         log_path = tmp_path_factory.mktemp("server") / "gunicorn.log"
         overrides = {
@@ -183,7 +183,7 @@ def start_server(database_url, tmp_path_factory):
             "DB_POOL_SIZE": TEST_POOL_SIZE,
             **(env or {}),
         }
-        process = loadtest.start_server(port, list(worker_args), overrides, log_path)
+        process = servers.start_gunicorn(port, list(worker_args), overrides, log_path)
         server = Server(process, f"http://127.0.0.1:{port}", name, log_path)
         started.append(server)
         if ready:
@@ -197,17 +197,10 @@ def start_server(database_url, tmp_path_factory):
 
 def wait_until_answering(server: Server, within: float = 30) -> None:
     """Ready when /stats answers (it needs no database, so a server whose DB is down counts)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited {server.process.returncode}:\n{server.log()}")
-        try:
-            if server.get("/stats", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"gunicorn not answering after {within} s:\n{server.log()}")
+    try:
+        servers.wait_until_ready(server.base_url, server.process, within, path="/stats")
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}:\n{server.log()}") from None
 
 
 @pytest.fixture(scope="module")

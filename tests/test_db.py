@@ -1,6 +1,7 @@
 """db.py in this process, against the real database: wait callback choice, engine per
 process, read-only sessions handing their connection back transactional."""
 
+import dataclasses
 import os
 
 import psycopg2.extensions
@@ -9,40 +10,45 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import db
+import embedded_pg
 from app import create_app
+from config import Settings
+
+
+def settings_for(database_url: str, **changes) -> Settings:
+    return dataclasses.replace(Settings.from_env(), database_url=database_url, **changes)
 
 
 @pytest.fixture
-def app_engine(database_url, monkeypatch):
-    """db.get_engine() for this test process, pointed at the test database, pool of one."""
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("DB_POOL_SIZE", "1")
-    monkeypatch.setattr(db, "_engine", None)
-    engine = db.get_engine()
-    yield engine
-    engine.dispose()
+def app(database_url):
+    """An app on the test database with a pool of one, as the factory makes it."""
+    app = create_app(settings_for(database_url, pool_size=1))
+    yield app
+    db.database(app).engine.dispose()
     psycopg2.extensions.set_wait_callback(None)
 
 
-def test_wait_callback_follows_gevent_patching():
+@pytest.fixture
+def app_engine(app):
+    return db.database(app).engine
+
+
+@pytest.mark.parametrize(("mode", "installed"), [("auto", False), ("on", True), ("off", False)])
+def test_wait_callback_follows_gevent_patching(mode, installed):
     assert not db.socket_is_green(), "pytest does not monkey-patch"
     try:
-        assert db.install_wait_callback("auto") is False
-        assert psycopg2.extensions.get_wait_callback() is None
-        assert db.install_wait_callback("on") is True
-        assert psycopg2.extensions.get_wait_callback() is not None
-        assert db.install_wait_callback("off") is False
-        assert psycopg2.extensions.get_wait_callback() is None
+        assert db.install_wait_callback(settings_for(None, psycogreen=mode)) is installed
+        assert (psycopg2.extensions.get_wait_callback() is not None) is installed
     finally:
         psycopg2.extensions.set_wait_callback(None)
 
 
-def test_engine_is_made_again_after_fork(app_engine):
+def test_engine_is_made_again_after_fork(app, app_engine):
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the child: a new engine, and a working connection of its own
         try:
-            fresh = db.get_engine()
+            fresh = db.database(app).engine
             with fresh.connect() as conn:
                 ok = fresh is not app_engine and conn.scalar(text("SELECT 1")) == 1
             os.write(write_end, b"1" if ok else b"0")
@@ -52,13 +58,12 @@ def test_engine_is_made_again_after_fork(app_engine):
     answer = os.read(read_end, 1)
     os.waitpid(child, 0)
     assert answer == b"1"
-    assert db.get_engine() is app_engine, "the parent keeps its own"
+    assert db.database(app).engine is app_engine, "the parent keeps its own"
 
 
-def test_read_only_session_returns_its_connection_transactional(app_engine):
-    app = create_app()
+def test_read_only_session_returns_its_connection_transactional(app, app_engine):
     with app.app_context():
-        session = db.get_session(read_only=True)
+        session = db.read_session()
         session.execute(text("SELECT 1"))
         assert session.connection().connection.driver_connection.autocommit is True
         db.close_session()
@@ -68,10 +73,9 @@ def test_read_only_session_returns_its_connection_transactional(app_engine):
         assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False, "inside a transaction"
 
 
-def test_write_session_commits_once_or_rolls_back(app_engine, seeded):
-    app = create_app()
+def test_write_session_commits_once_or_rolls_back(app, app_engine, seeded):
     with app.app_context():
-        session = db.get_session()
+        session = db.write_session()
         session.execute(text("UPDATE todos SET title = 'not committed' WHERE id = 1"))
         db.close_session()  # teardown without commit
     with Session(app_engine) as check:
@@ -86,7 +90,7 @@ def test_several_processes_starting_the_embedded_server_at_once_share_one(tmp_pa
     from conftest import ROOT
 
     pgdata = tmp_path / "pgdata"
-    script = f"import db, pathlib; print(db.start_embedded(pathlib.Path({str(pgdata)!r})))"
+    script = f"import embedded_pg, pathlib; print(embedded_pg.start(pathlib.Path({str(pgdata)!r})))"
     starters = [
         subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)
     ]
@@ -97,5 +101,15 @@ def test_several_processes_starting_the_embedded_server_at_once_share_one(tmp_pa
         postmaster_pid = int((pgdata / "postmaster.pid").read_text().split()[0])
         assert os.path.exists(f"/proc/{postmaster_pid}")
     finally:
-        db.stop_embedded(pgdata)
+        embedded_pg.stop(pgdata)
     assert not (pgdata / "postmaster.pid").exists()
+
+
+@pytest.mark.parametrize(("first", "then"), [(db.read_session, db.write_session), (db.write_session, db.read_session)])
+def test_one_kind_of_session_per_request(app, first, then):
+    with app.app_context():
+        session = first()
+        assert first() is session
+        with pytest.raises(RuntimeError, match="already opened a"):
+            then()
+        db.close_session()

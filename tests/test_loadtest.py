@@ -15,6 +15,7 @@ from aiohttp import web
 from conftest import ROOT
 
 import loadtest
+import servers
 
 LINE = re.compile(r"^\t@ +\d+\.\d\ds got response \[200\]$", re.MULTILINE)
 
@@ -24,7 +25,7 @@ class SlotServer:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.port = loadtest.free_port()
+        self.port = servers.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._started = threading.Event()
 
@@ -129,7 +130,7 @@ def test_exit_1_when_any_answer_is_not_2xx(three_slots):
 
 def test_exit_2_with_a_hint_when_the_server_is_down():
     started = time.monotonic()
-    result = run("5", "--url", f"http://127.0.0.1:{loadtest.free_port()}")
+    result = run("5", "--url", f"http://127.0.0.1:{servers.free_port()}")
     assert result.returncode == 2
     assert time.monotonic() - started < 10
     assert "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import pytest
 from conftest import burst, busy_connections, open_connections, request, row_count, send_many
 from sqlalchemy import text
 
-import db
+import embedded_pg
 import seed
 
 
@@ -20,12 +20,12 @@ import seed
 def own_postgres(tmp_path_factory):
     """An embedded PostgreSQL only this module uses; stopped by its own pg_ctl at the end."""
     pgdata = tmp_path_factory.mktemp("own") / "pgdata"
-    url = db.ensure_database(db.start_embedded(pgdata), "greenflask")
-    engine = db.script_engine(url)
+    url = embedded_pg.ensure_database(embedded_pg.start(pgdata), "greenflask")
+    engine = embedded_pg.script_engine(url)
     seed.seed(engine)
     yield pgdata, url, engine
     engine.dispose()
-    db.stop_embedded(pgdata)
+    embedded_pg.stop(pgdata)
 
 
 def in_background(function, *args):
@@ -43,19 +43,19 @@ def test_database_stopped_then_back(own_postgres, start_server, figure):
         assert {o.status for o in burst(server.url("/todos"), 10)[0]} == {200}
         in_flight = in_background(send_many, "GET", server.url("/sleep/postgres/?seconds=3"), [None] * 5)
         time.sleep(0.5)
-        db.stop_embedded(pgdata)
+        embedded_pg.stop(pgdata)
         in_flight.join()
         started = time.monotonic()
         while_down = send_many("GET", server.url("/todos"), [None] * 20)
         down_wall = time.monotonic() - started
         healthz_down = server.get("/healthz")
-        db.start_embedded(pgdata)
+        embedded_pg.start(pgdata)
         first_after = server.get("/todos")
         after = send_many("GET", server.url("/todos"), [None] * 50)
         same_worker = server.stats()["pid"] == worker_pid
     finally:
         server.stop()
-        db.start_embedded(pgdata)  # for the module's other tests, whatever happened above
+        embedded_pg.start(pgdata)  # for the module's other tests, whatever happened above
 
     for answer in [*in_flight.result, *while_down, healthz_down]:
         assert answer.status == 503, answer

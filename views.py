@@ -1,0 +1,99 @@
+"""The routes, in one Blueprint: the original demo's two sleeps, the todos, health and stats."""
+
+import os
+import time
+
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+import db
+import models
+import validation
+from errors import ApiError
+
+bp = Blueprint("todos", __name__)
+
+
+def _settings():
+    return current_app.config["GREENFLASK"]
+
+
+@bp.get("/sleep/python/")
+def sleep_python():
+    """`time.sleep(S)`: blocks the worker unless gevent has patched `time`."""
+    seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
+    time.sleep(seconds)
+    return jsonify(todos=models.all_todos(db.read_session()))
+
+
+@bp.get("/sleep/postgres/")
+def sleep_postgres():
+    """`SELECT pg_sleep(S)`: blocks the worker unless psycopg2's wait callback is green."""
+    seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
+    session = db.read_session()
+    models.pg_sleep(session, seconds)
+    return jsonify(todos=models.all_todos(session))
+
+
+@bp.get("/todos")
+def list_todos():
+    limit, offset, done = validation.page(request.args)
+    todos = models.list_todos(db.read_session(), limit, offset, done)
+    return jsonify(todos=todos, limit=limit, offset=offset)
+
+
+@bp.post("/todos")
+def create_todo():
+    fields = validation.todo_fields(validation.json_object(request), partial=False)
+    session = db.write_session()
+    todo = models.create_todo(session, fields)
+    session.commit()
+    response = jsonify(todo)
+    response.status_code = 201
+    response.headers["Location"] = url_for("todos.get_todo", todo_id=todo["id"])
+    return response
+
+
+@bp.get("/todos/<int:todo_id>")
+def get_todo(todo_id: int):
+    return jsonify(_found(models.get_todo(db.read_session(), validation.todo_id(todo_id))))
+
+
+@bp.patch("/todos/<int:todo_id>")
+def patch_todo(todo_id: int):
+    fields = validation.todo_fields(validation.json_object(request), partial=True)
+    session = db.write_session()
+    todo = _found(models.update_todo(session, validation.todo_id(todo_id), fields))
+    session.commit()
+    return jsonify(todo)
+
+
+@bp.delete("/todos/<int:todo_id>")
+def delete_todo(todo_id: int):
+    session = db.write_session()
+    _found(models.delete_todo(session, validation.todo_id(todo_id)))
+    session.commit()
+    return "", 204
+
+
+@bp.get("/healthz")
+def healthz():
+    """200 when `SELECT 1` answers; otherwise the error handlers answer 503."""
+    models.ping(db.read_session())
+    return jsonify(status="ok")
+
+
+@bp.get("/stats")
+def stats():
+    """This worker's mode and pool, without taking a connection."""
+    return jsonify(
+        pid=os.getpid(),
+        worker_class="gevent" if db.socket_is_green() else "sync",
+        wait_callback=db.wait_callback_installed(),
+        pool=db.database().pool_status(),
+    )
+
+
+def _found(value):
+    if not value:
+        raise ApiError(404, "not_found", "no such todo")
+    return value
