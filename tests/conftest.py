@@ -2,6 +2,7 @@
 processes on free ports, each stopped by its PID when its test or module ends."""
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -16,10 +17,13 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import db  # noqa: E402
 import embedded_pg  # noqa: E402
 import loadtest  # noqa: E402
 import seed  # noqa: E402
 import servers  # noqa: E402
+from app import create_app  # noqa: E402
+from config import Settings  # noqa: E402
 
 TEST_DATABASE = "greenflask_test"
 # The machine's own PostgreSQL allows 100 connections: keep each test server's pool small.
@@ -93,7 +97,8 @@ class Answer:
 
 
 def request(url: str, method: str = "GET", body=None, headers=None, timeout: float = 30) -> Answer:
-    """One plain HTTP request; a dict body is sent as JSON."""
+    """One plain HTTP request; a dict body is sent as JSON, an iterable one chunked when the
+    headers say Transfer-Encoding: chunked."""
     parts = urlsplit(url)
     headers = dict(headers or {})
     if isinstance(body, dict | list):
@@ -104,7 +109,8 @@ def request(url: str, method: str = "GET", body=None, headers=None, timeout: flo
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request(method, path, body=body, headers=headers)
+        chunked = headers.get("Transfer-Encoding") == "chunked"
+        connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
         response = connection.getresponse()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     finally:
@@ -137,6 +143,40 @@ def burst(url: str, count: int, timeout: float = 60):
             return await loadtest.burst(session, url, count)
 
     return asyncio.run(run())
+
+
+def assert_error(answer, status: int, code: str | None = None):
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["status"] == status
+    if code:
+        assert error["code"] == code
+    for leak in (b"Traceback", b"SELECT", b"psycopg2", b"sqlalchemy"):
+        assert leak not in answer.body
+
+
+class InProcess:
+    """The app in this process through Flask's test client, against the real test database:
+    the fast layer for validation and error shapes. `get` answers like `Server.get`."""
+
+    def __init__(self, app):
+        self.client = app.test_client()
+
+    def get(self, path: str, method: str = "GET", body=None, headers=None) -> Answer:
+        headers = dict(headers or {})
+        if isinstance(body, dict | list):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        response = self.client.open(path, method=method, data=body, headers=headers)
+        return Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, response.get_data())
+
+
+@pytest.fixture(scope="session")
+def client(database_url):
+    app = create_app(dataclasses.replace(Settings.from_env(), database_url=database_url, pool_size=2))
+    yield InProcess(app)
+    db.database(app).engine.dispose()
 
 
 # --- servers -----------------------------------------------------------------------------

@@ -82,14 +82,14 @@ class FaultProxy:
         async with server:
             await self._stopping.wait()
             server.close()
+            self._flowing.set()  # stalled pumps see their sockets close and end
             for client, upstream in list(self._pairs):
                 _reset(client)
                 if upstream:
                     upstream.transport.abort()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if others:
+                await asyncio.wait(others, timeout=5)
 
     async def _switch(self, mode: str, delay: float) -> None:
         self.mode, self.delay = mode, delay

@@ -1,11 +1,13 @@
-"""Garbage in, a 4xx JSON error out: never a 5xx, never a changed table, never a leak."""
+"""Garbage in, a 4xx JSON error out: never a 5xx, never a changed table, never a leak.
+
+In process (Flask's test client, the real database): these need no real server. The
+chunked-body case, which does, is in test_faults.py."""
 
 import json
 import re
 import subprocess
 
-import pytest
-from conftest import ROOT, request
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
@@ -81,23 +83,18 @@ def table_fingerprint(engine) -> tuple:
         return conn.execute(text(f"SELECT count(*), {content} FROM todos t")).one()
 
 
-@pytest.fixture(scope="module")
-def server(green_server):
-    return green_server
-
-
-def test_malformed_requests_get_4xx_json_and_change_nothing(server, seeded, figure):
+def test_malformed_requests_get_4xx_json_and_change_nothing(client, seeded, figure):
     before = table_fingerprint(seeded)
     failures, statuses = [], {}
     for method, path, body, headers in MALFORMED:
-        answer = request(server.url(path), method=method, body=body, headers=headers)
+        answer = client.get(path, method=method, body=body, headers=headers)
         statuses[answer.status] = statuses.get(answer.status, 0) + 1
         problem = _problem(answer)
         if problem:
             failures.append(f"{method} {path[:40]} {str(body)[:40]!r}: {problem}")
     assert not failures, "\n".join(failures)
     assert table_fingerprint(seeded) == before
-    assert request(server.url("/todos")).status == 200, "the next request works"
+    assert client.get("/todos").status == 200, "the next request works"
     figure(f"{len(MALFORMED)} malformed requests: statuses {dict(sorted(statuses.items()))}; table unchanged")
 
 
@@ -127,10 +124,10 @@ todo_bodies = st.dictionaries(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=todo_bodies, method=st.sampled_from(["POST /todos", "PATCH /todos/1"]))
-def test_no_json_body_makes_a_5xx(server, body, method):
+def test_no_json_body_makes_a_5xx(client, body, method):
     verb, path = method.split()
     payload = json.dumps(body, allow_nan=True)
-    answer = request(server.url(path), method=verb, body=payload, headers=JSON)
+    answer = client.get(path, method=verb, body=payload, headers=JSON)
     assert answer.status < 500, (payload, answer)
 
 
