@@ -1,8 +1,10 @@
-"""The `todos` table and every query the routes need, in SQLAlchemy Core with bound parameters.
+"""The `todos` table and every query the routes need, always with bound parameters.
 
-Core rather than ORM objects: the routes only move rows to JSON, and Core rows skip the
-identity map and attribute instrumentation that the ORM would pay for on every row.
-Each function takes the request's `Session`, so all of them share its one transaction.
+The writes are SQLAlchemy Core statements; the reads, on the hot path, are fixed SQL strings
+run on the session's own connection. No ORM objects: the routes only move rows to JSON, and
+plain rows skip the identity map and attribute instrumentation the ORM would pay for on
+every row. Each function takes the request's `Session`, so all of them share its connection
+and, for writes, its one transaction.
 """
 
 from sqlalchemy import (
@@ -14,11 +16,8 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    bindparam,
     delete,
     insert,
-    select,
-    text,
     update,
 )
 from sqlalchemy.orm import Session
@@ -39,36 +38,40 @@ todos = Table(
     CheckConstraint(f"priority BETWEEN {PRIORITY_MIN} AND {PRIORITY_MAX}", name="priority_range"),
 )
 
-_all_todos = select(todos).order_by(todos.c.id)
+# The reads as fixed SQL strings with bound parameters, run by `exec_driver_sql`: no Core
+# statement to compile, no cache key to compute per request (BENCHMARKS.md, "Speed").
+# They name the table's columns, so a change to `todos` above must be made here too.
+_COLUMNS = "id, title, done, priority"
+_ALL_SQL = f"SELECT {_COLUMNS} FROM todos ORDER BY id"
+_PAGE_SQL = f"SELECT {_COLUMNS} FROM todos ORDER BY id LIMIT %(limit)s OFFSET %(offset)s"
+_PAGE_BY_DONE_SQL = (
+    f"SELECT {_COLUMNS} FROM todos WHERE done = %(done)s ORDER BY id LIMIT %(limit)s OFFSET %(offset)s"
+)
+_ONE_SQL = f"SELECT {_COLUMNS} FROM todos WHERE id = %(id)s"
 
 
-def _dicts(result) -> list[dict]:
+def _read(session: Session, sql: str, parameters: dict | None = None) -> list[dict]:
     """Rows as plain dicts for JSON, fetched in one call. Every row has exactly these keys
     (zip() without strict=: see BENCHMARKS.md)."""
+    result = session.connection().exec_driver_sql(sql, parameters or {})
     keys = tuple(result.keys())
     return [dict(zip(keys, row)) for row in result.all()]  # noqa: B905
 
 
 def all_todos(session: Session) -> list[dict]:
     """Every todo by id, as the original demo returned after each sleep."""
-    return _dicts(session.execute(_all_todos))
-
-
-# Built once: limit, offset and done are bound parameters, so per request nothing is rebuilt.
-_page = select(todos).order_by(todos.c.id).limit(bindparam("limit")).offset(bindparam("offset"))
-_page_by_done = _page.where(todos.c.done == bindparam("done"))
+    return _read(session, _ALL_SQL)
 
 
 def list_todos(session: Session, limit: int, offset: int, done: bool | None = None) -> list[dict]:
-    parameters = {"limit": limit, "offset": offset}
     if done is None:
-        return _dicts(session.execute(_page, parameters))
-    return _dicts(session.execute(_page_by_done, {**parameters, "done": done}))
+        return _read(session, _PAGE_SQL, {"limit": limit, "offset": offset})
+    return _read(session, _PAGE_BY_DONE_SQL, {"limit": limit, "offset": offset, "done": done})
 
 
 def get_todo(session: Session, todo_id: int) -> dict | None:
-    row = session.execute(select(todos).where(todos.c.id == todo_id)).mappings().first()
-    return dict(row) if row else None
+    rows = _read(session, _ONE_SQL, {"id": todo_id})
+    return rows[0] if rows else None
 
 
 def create_todo(session: Session, fields: dict) -> dict:
@@ -89,8 +92,8 @@ def delete_todo(session: Session, todo_id: int) -> bool:
 
 def pg_sleep(session: Session, seconds: float) -> None:
     """Have the server sleep; blocks the worker unless the green wait callback is on."""
-    session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+    session.connection().exec_driver_sql("SELECT pg_sleep(%(seconds)s)", {"seconds": seconds})
 
 
 def ping(session: Session) -> None:
-    session.execute(text("SELECT 1"))
+    session.connection().exec_driver_sql("SELECT 1")
