@@ -22,22 +22,21 @@ def sleep_python():
     """`time.sleep(S)`: blocks the worker unless gevent has patched `time`."""
     seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
     time.sleep(seconds)
-    return jsonify(todos=models.all_todos(db.read_session()))
+    return jsonify(todos=db.read(models.all_todos))
 
 
 @bp.get("/sleep/postgres/")
 def sleep_postgres():
     """`SELECT pg_sleep(S)`: blocks the worker unless psycopg2's wait callback is green."""
     seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
-    session = db.read_session()
-    models.pg_sleep(session, seconds)
-    return jsonify(todos=models.all_todos(session))
+    db.read(models.pg_sleep, seconds)
+    return jsonify(todos=db.read(models.all_todos))
 
 
 @bp.get("/todos")
 def list_todos():
     limit, offset, done = validation.page(request.args)
-    todos = models.list_todos(db.read_session(), limit, offset, done)
+    todos = db.read(models.list_todos, limit, offset, done)
     return jsonify(todos=todos, limit=limit, offset=offset)
 
 
@@ -55,7 +54,7 @@ def create_todo():
 
 @bp.get("/todos/<int:todo_id>")
 def get_todo(todo_id: int):
-    return jsonify(_found(models.get_todo(db.read_session(), validation.todo_id(todo_id))))
+    return jsonify(_found(db.read(models.get_todo, validation.todo_id(todo_id))))
 
 
 @bp.patch("/todos/<int:todo_id>")
@@ -78,7 +77,7 @@ def delete_todo(todo_id: int):
 @bp.get("/healthz")
 def healthz():
     """200 when `SELECT 1` answers; otherwise the error handlers answer 503."""
-    models.ping(db.read_session())
+    db.read(models.ping)
     return jsonify(status="ok")
 
 
