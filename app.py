@@ -13,6 +13,7 @@ import db
 import views
 from config import Settings
 from errors import register_error_handlers
+from jsonprovider import OrjsonProvider
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -20,8 +21,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     _configure_logging()
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, GREENFLASK=settings)
-    app.json.sort_keys = False
     db.init_app(app, settings)
     register_error_handlers(app)
     app.register_blueprint(views.bp)
