@@ -31,15 +31,16 @@ def start_gunicorn(
     log_path: Path,
     wsgi_app: str = "app:app",
     config: str | None = None,
+    cwd: Path = PROJECT_DIR,
 ) -> subprocess.Popen:
-    """gunicorn `wsgi_app` on 127.0.0.1:`port`, from the project folder (so it reads
-    gunicorn.conf.py unless `config` names another); the caller stops it with `stop`."""
+    """gunicorn `wsgi_app` on 127.0.0.1:`port`, started in `cwd` (the project folder: it reads
+    gunicorn.conf.py there unless `config` names another); the caller stops it with `stop`."""
     env = {**os.environ, **env_overrides}
     command = [sys.executable, "-m", "gunicorn", wsgi_app, "-b", f"127.0.0.1:{port}", *worker_args]
     if config:
         command += ["-c", config]
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def status_of(url: str, timeout: float = 2.0) -> int | None:

@@ -59,14 +59,15 @@ ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT"
 
 
 @contextmanager
-def server(worker_args: list[str], env: dict | None = None, wsgi_app: str = "app:app", ready_path: str = "/healthz"):
-    """A gunicorn on a free port for the duration of the block, stopped by its PID.
-    Yields its base URL and the master's PID."""
+def server(worker_args: list[str], env: dict | None = None, wsgi_app: str = "app:app", ready_path: str = "/healthz",
+           cwd: Path = ROOT):
+    """A gunicorn on a free port, started in `cwd`, for the duration of the block, stopped by
+    its PID. Yields its base URL and the master's PID."""
     port = servers.free_port()
     base_url = f"http://127.0.0.1:{port}"
     # The floor and the peer get a config of their own: none of the app's start-up hooks.
     config = None if wsgi_app == "app:app" else str(ROOT / "bench" / "gunicorn.conf.py")
-    process = servers.start_gunicorn(port, worker_args, env or {}, LOG, wsgi_app=wsgi_app, config=config)
+    process = servers.start_gunicorn(port, worker_args, env or {}, LOG, wsgi_app=wsgi_app, config=config, cwd=cwd)
     try:
         servers.wait_until_ready(base_url, process, path=ready_path)
         yield base_url, process.pid
@@ -214,19 +215,19 @@ def original_pool() -> list[dict]:
 
 def throughput(url: str) -> list[dict]:
     dsn = {"BENCH_DSN": libpq_dsn(url)}
-    servers = {
+    candidates = {
         "app, gevent (this project)": (["-k", "gevent", "-w", PROCESSES], {}, "app:app", "/healthz"),
         "app, sync workers": (["-w", PROCESSES], {}, "app:app", "/healthz"),
         "raw WSGI + psycopg2 + psycogreen (floor)": (
-            ["-k", "gevent", "-w", PROCESSES, "--no-control-socket"], dsn, "bench.floor_wsgi:application", "/todos"),
+            ["-k", "gevent", "-w", PROCESSES], dsn, "bench.floor_wsgi:application", "/todos"),
         "aiohttp + asyncpg (peer)": (
-            ["-k", "aiohttp.GunicornWebWorker", "-w", PROCESSES, "--no-control-socket"],
+            ["-k", "aiohttp.GunicornWebWorker", "-w", PROCESSES],
             {"BENCH_DSN": asyncpg_dsn(url)}, "bench.peer_aiohttp:create_app", "/todos"),
     }
-    figures: dict[str, list[dict]] = {name: [] for name in servers}
+    figures: dict[str, list[dict]] = {name: [] for name in candidates}
     with ExitStack() as stack:
         started = {name: stack.enter_context(server(args, env, app, ready)) for name, (args, env, app, ready) in
-                   servers.items()}
+                   candidates.items()}
         bodies = {name: _body(base + "/todos") for name, (base, _) in started.items()}
         if len(set(bodies.values())) != 1:
             raise SystemExit(f"the servers' /todos bodies differ: { {k: len(v) for k, v in bodies.items()} }")
@@ -254,7 +255,7 @@ def throughput(url: str) -> list[dict]:
 def client_capacity(url: str) -> dict:
     """The load tester's closed loop against wrk on the fastest server here (the floor)."""
     env = {"BENCH_DSN": libpq_dsn(url)}
-    args = ["-k", "gevent", "-w", PROCESSES, "--no-control-socket"]
+    args = ["-k", "gevent", "-w", PROCESSES]
     runs: dict[str, list[float]] = {"wrk -t2 -c64": [], "wrk -t1 -c64": [], "loadtest.py -c 64": []}
     with server(args, env, "bench.floor_wsgi:application", "/todos") as (base_url, _):
         for _ in range(RUNS):
