@@ -10,6 +10,7 @@ import logging
 from flask import Flask
 
 import db
+import metrics
 import views
 from config import Settings
 from errors import register_error_handlers
@@ -24,6 +25,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json = OrjsonProvider(app)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, GREENFLASK=settings)
     db.init_app(app, settings)
+    if settings.metrics:
+        metrics.init_app(app)
     register_error_handlers(app)
     app.register_blueprint(views.bp)
     return app

@@ -36,6 +36,18 @@ def _env_green_mode(name: str = "PSYCOGREEN") -> str:
     raise SystemExit(f"{name}={raw!r}: use 1 (force on), 0 (off) or leave unset (auto)")
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """1/true/yes/on or 0/false/no/off; `default` when unset."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name}={raw!r}: use 1 or 0")
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -49,6 +61,9 @@ class Settings:
     psycogreen: str
     sleep_max_seconds: float
     max_body_bytes: int
+    metrics: bool
+    loop_block_warn_ms: int
+    access_log: bool
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -69,6 +84,10 @@ class Settings:
             psycogreen=_env_green_mode(),
             sleep_max_seconds=env_number("SLEEP_MAX_SECONDS", 60.0, float),
             max_body_bytes=env_number("MAX_BODY_BYTES", 64 * 1024, minimum=1),
+            metrics=env_flag("METRICS", True),
+            # gevent workers only; 0 turns the detector off.
+            loop_block_warn_ms=env_number("LOOP_BLOCK_WARN_MS", 100),
+            access_log=env_flag("ACCESS_LOG", False),
         )
 
     def describe(self) -> str:

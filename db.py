@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 import embedded_pg
 import green
+import metrics
 from config import Settings
 from errors import first_line
 
@@ -174,6 +175,7 @@ class Database:
         self.green = install_wait_callback(self.settings)
         self._engine = build_engine(self.url(), self.settings)
         self._pid = os.getpid()
+        metrics.POOL_SIZE.set(self._engine.pool.size())
         log.info(
             "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss",
             self._pid,
@@ -306,3 +308,4 @@ def close_session(error: BaseException | None = None) -> None:
         session.close()
     except Exception:  # a broken connection must not turn the answer into a 500
         log.warning("closing the session failed; its connection was discarded", exc_info=True)
+    metrics.POOL_CHECKED_OUT.set(database().engine.pool.checkedout())

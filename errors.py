@@ -12,6 +12,7 @@ from psycopg2 import errors as pg_errors
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+import metrics
 from green import DatabaseTimeout
 
 log = logging.getLogger("greenflask.errors")
@@ -53,6 +54,7 @@ def _http_error(error: HTTPException):
 
 
 def _pool_timeout(error: sa_exc.TimeoutError):
+    metrics.POOL_TIMEOUTS.inc()
     log.warning("503 pool_exhausted: %s", error.args[0].split(",")[0])
     return error_response(
         503, "pool_exhausted", "all database connections are busy; retry shortly", RETRY_AFTER_SECONDS
@@ -60,11 +62,13 @@ def _pool_timeout(error: sa_exc.TimeoutError):
 
 
 def _statement_timeout(cause: str):
+    metrics.DB_ERRORS.labels("statement_timeout").inc()
     log.warning("504 statement_timeout: %s", cause)
     return error_response(504, "statement_timeout", "the database took too long to answer", RETRY_AFTER_SECONDS)
 
 
 def _database_unavailable(cause: str):
+    metrics.DB_ERRORS.labels("unavailable").inc()
     log.warning("503 database_unavailable: %s", cause)
     return error_response(
         503, "database_unavailable", "the database cannot be reached; retry shortly", RETRY_AFTER_SECONDS

@@ -20,11 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
@@ -371,7 +373,10 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
                 servers.wait_until_ready(base_url, process)
             except RuntimeError as error:
                 raise MatrixSetupFailed(f"{mode}: {error} (its log: {log_path})") from None
+            blocks_before, _ = loop_blocks(base_url)
             reports = await run_routes(base_url, count, seconds, list(ROUTES), timeout, quiet=True)
+            await asyncio.sleep(0.3)  # the server reports a block once its loop runs again
+            blocks_after, longest = loop_blocks(base_url)
         finally:
             servers.stop(process)
         for index, report in enumerate(reports):
@@ -385,10 +390,22 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
                     "original": original,
                     "waves": report.waves,
                     "all_ok": report.all_ok,
+                    "loop_blocks": blocks_after - blocks_before if worker_args else None,
+                    "longest_block": longest,
                     "report": asdict(report),
                 }
             )
     return rows
+
+
+def loop_blocks(base_url: str) -> tuple[float, float]:
+    """(loop blocks counted so far, the longest in s), from the server's GET /metrics."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    families = text_string_to_metric_families(text)
+    samples = {sample.name: sample.value for family in families for sample in family.samples}
+    return (samples.get("greenflask_event_loop_blocked_total", 0.0),
+            samples.get("greenflask_event_loop_blocked_longest_seconds", 0.0))
 
 
 def _seed_database() -> None:
@@ -400,12 +417,13 @@ def _seed_database() -> None:
 
 def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
     table = Table(title=f"N={count} concurrent requests per route, {seconds:g} s sleeps")
-    for column in ("mode", "route", "observed", "ideal", "original", "waves"):
-        table.add_column(column, justify="left" if column in ("mode", "route", "waves") else "right")
+    for column in ("mode", "route", "observed", "ideal", "original", "waves", "loop blocks (longest)"):
+        table.add_column(column, justify="left" if column in ("mode", "route", "waves") else "right", no_wrap=True)
     for row in rows:
         original = f"{row['original']:.2f} s" if row["original"] is not None else "-"
         waves = describe_waves(row["waves"])
-        table.add_row(row["mode"], row["route"], f"{row['observed']:.2f} s", f"{row['ideal']:.2f} s", original, waves)
+        observed, ideal = f"{row['observed']:.2f} s", f"{row['ideal']:.2f} s"
+        table.add_row(row["mode"], row["route"], observed, ideal, original, waves, "")
     for mode in MODES:
         mode_rows = [row for row in rows if row["mode"] == mode]
         total = sum(row["observed"] for row in mode_rows)
@@ -413,11 +431,20 @@ def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
         original = ORIGINAL[mode][2] if mode_rows[0]["original"] is not None else None
         table.add_row(
             mode, "SUM TOTAL", f"{total:.2f} s", f"{ideal:.2f} s", f"{original:.2f} s" if original else "-", "",
-            style="bold",
+            describe_blocks(mode_rows[0]), style="bold",
         )
-    console.print(table)
+    Console(highlight=False, width=max(console.width, 120)).print(table)  # one line per row, even in a CI log
     if rows[0]["original"] is None:
         console.print("The original README's figures are for N=5 and 5 s sleeps: --matrix 5 --seconds 5.")
+
+
+def describe_blocks(row: dict) -> str:
+    """'5 (1.02 s)', '0', or 'off': the detector runs in gevent workers only."""
+    if row["loop_blocks"] is None:
+        return "off"
+    if not row["loop_blocks"]:
+        return "0"
+    return f"{row['loop_blocks']:.0f} ({row['longest_block']:.2f} s)"
 
 
 # --- command line ------------------------------------------------------------------------

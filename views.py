@@ -6,6 +6,8 @@ import time
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 import db
+import loopblock
+import metrics
 import models
 import validation
 from errors import ApiError
@@ -83,13 +85,21 @@ def healthz():
 
 @bp.get("/stats")
 def stats():
-    """This worker's mode and pool, without taking a connection."""
+    """This worker's mode, pool and event-loop blocks, without taking a connection."""
     return jsonify(
         pid=os.getpid(),
         worker_class="gevent" if db.socket_is_green() else "sync",
         wait_callback=db.wait_callback_installed(),
         pool=db.database().pool_status(),
+        loop_blocks=loopblock.stats,
     )
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus text format, summed over every live worker (metrics.py)."""
+    body, content_type = metrics.exposition()
+    return body, 200, {"Content-Type": content_type}
 
 
 def _found(value):

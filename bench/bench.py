@@ -6,9 +6,9 @@ compared are made in this invocation, alternating, so a ratio never mixes two mo
 1. concurrency efficiency (wall / ideal) for N = 5, 100, 1000 on both sleep routes, with
    1 s and 2 s sleeps;
 2. the original design's pool (5 + 10 overflow, 30 s timeout) beside the defaults;
-3. throughput of GET /todos (50 rows) with wrk against the app (gevent and sync), the raw
-   WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg peer (bench/peer_aiohttp.py),
-   with the CPU each server and PostgreSQL spend per request;
+3. throughput of GET /todos (50 rows) with wrk against the app (gevent with and without its
+   metrics, and sync), the raw WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg
+   peer (bench/peer_aiohttp.py), with the CPU each server and PostgreSQL spend per request;
 4. the load tester's own closed-loop capacity against wrk's on the same server.
 
 Shorter runs for a quick look: BENCH_RUNS (3), BENCH_SECONDS (sleeps, "1,2"),
@@ -217,6 +217,7 @@ def throughput(url: str) -> list[dict]:
     dsn = {"BENCH_DSN": libpq_dsn(url)}
     candidates = {
         "app, gevent (this project)": (["-k", "gevent", "-w", PROCESSES], {}, "app:app", "/healthz"),
+        "app, gevent, METRICS=0": (["-k", "gevent", "-w", PROCESSES], {"METRICS": "0"}, "app:app", "/healthz"),
         "app, sync workers": (["-w", PROCESSES], {}, "app:app", "/healthz"),
         "raw WSGI + psycopg2 + psycogreen (floor)": (
             ["-k", "gevent", "-w", PROCESSES], dsn, "bench.floor_wsgi:application", "/todos"),
@@ -319,6 +320,10 @@ def render(facts, efficiency, original, speed, client) -> str:
     for row in speed:
         lines.append(f"| {row['server']} | {row['rps']:,.0f} | {row['p99_ms']:.1f} ms | {row['of_floor']:.2f} | "
                      f"{row['non_2xx']} | {row['server_us']:.0f} / {row['postgres_us']:.0f} µs |")
+    by_name = {row["server"]: row for row in speed}
+    with_metrics, without = by_name["app, gevent (this project)"], by_name["app, gevent, METRICS=0"]
+    lines += ["", f"Cost of the Prometheus metrics: {1 - with_metrics['rps'] / without['rps']:.1%} of the "
+              f"throughput ({with_metrics['server_us'] - without['server_us']:.0f} µs of worker CPU per request)."]
     lines += ["", "## 4. The load tester's own capacity (closed loop, 64 workers, against the floor)", "",
               "| client | req/s | loadtest.py / this |", "|---|---|---|"]
     for name, rps in client.items():

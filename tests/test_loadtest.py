@@ -182,3 +182,14 @@ def test_matrix_reproduces_the_three_modes(database_url, tmp_path):
     assert observed[("sync", "python")] > 0.9 and observed[("sync", "postgres")] > 0.9
     assert observed[("gevent", "python")] < 0.9 and observed[("gevent", "postgres")] > 0.9
     assert observed[("gevent+green", "python")] < 0.9 and observed[("gevent+green", "postgres")] < 0.9
+    blocks = {row["mode"]: row["loop_blocks"] for row in rows}
+    assert blocks == {"sync": None, "gevent": 2, "gevent+green": 0}, "the server sees its own blocking"
+
+
+def test_matrix_with_a_server_that_cannot_start_is_exit_2(database_url, tmp_path):
+    env = {**os.environ, "DATABASE_URL": database_url, "GUNICORN_TIMEOUT": "not a number",
+           "LOADTEST_SERVER_LOG": str(tmp_path / "servers.log")}
+    result = run("--matrix", "2", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("loadtest.py --matrix: sync: server exited")

@@ -1,0 +1,92 @@
+"""Prometheus metrics, summed over gunicorn's workers (prometheus_client's multiprocess mode).
+
+Each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR; whichever worker answers
+GET /metrics reads them all, so a scrape is the sum over the live workers. gunicorn.conf.py
+makes that folder fresh at every server start, marks dead workers in it and removes it at
+exit. Outside gunicorn (the tests' in-process app, a script) the variable is unset and each
+process reports only itself.
+
+prometheus_client rather than hand-written counters: it is the format's reference library,
+and it does the multiprocess bookkeeping (which gauges sum over live workers only) that
+would otherwise be the hard part.
+"""
+
+import os
+import time
+
+from flask import Flask, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUEST_DURATION = Histogram(
+    "greenflask_http_request_duration_seconds",
+    "Time from the start of a request to its answer, by URL rule, method and status.",
+    ["route", "method", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_FLIGHT = Gauge(
+    "greenflask_http_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum"
+)
+POOL_CHECKED_OUT = Gauge(
+    "greenflask_db_pool_checked_out",
+    "Pooled connections in use, as of the end of each worker's last request.",
+    multiprocess_mode="livesum",
+)
+POOL_SIZE = Gauge("greenflask_db_pool_size", "Pool size (pool_size) per worker, summed.", multiprocess_mode="livesum")
+POOL_TIMEOUTS = Counter("greenflask_db_pool_timeouts", "Requests answered 503 pool_exhausted.")
+DB_ERRORS = Counter(
+    "greenflask_db_errors", "Requests answered because of the database, by kind.", ["kind"]
+)
+LOOP_BLOCKED = Counter("greenflask_event_loop_blocked", "Times the gevent loop was held past LOOP_BLOCK_WARN_MS.")
+LOOP_BLOCKED_LONGEST = Gauge(
+    "greenflask_event_loop_blocked_longest_seconds",
+    "The longest block of the gevent loop seen by any live worker.",
+    multiprocess_mode="livemax",
+)
+LOOP_BLOCKED_SECONDS = Histogram(
+    "greenflask_event_loop_blocked_seconds",
+    "How long the gevent loop was held, each time it was held past LOOP_BLOCK_WARN_MS.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_request_started)
+    app.after_request(_request_answered)
+    app.teardown_request(_request_ended)
+
+
+def _request_started() -> None:
+    g.metrics_started = time.perf_counter()
+    IN_FLIGHT.inc()
+
+
+def _request_answered(response):
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(
+        time.perf_counter() - g.metrics_started
+    )
+    return response
+
+
+def _request_ended(error: BaseException | None = None) -> None:
+    if "metrics_started" in g:
+        IN_FLIGHT.dec()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format for GET /metrics: every live worker's values when under gunicorn."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
