@@ -3,20 +3,21 @@
     python loadtest.py 100                       # 100 concurrent GETs per sleep route
     python loadtest.py 20 --seconds 1 --routes postgres
     python loadtest.py -c 64 -d 10 /todos        # closed loop, like wrk
+    python loadtest.py --rate 500 -d 10 /todos   # open loop on a fixed schedule, like wrk2 -R
     python loadtest.py --matrix 5 --seconds 1    # the original README's three modes, one table
 
 Exit status: 0 when every request got a 2xx, 1 when any did not, 2 when the server cannot
 be reached (or the command line is wrong).
 
 Libraries: aiohttp (one ClientSession, no connection limit) sends the requests; rich draws
-the progress bar, tables and colour; percentiles come from the standard `statistics`.
+the progress bar, tables and colour; percentiles come from an HDR histogram (`hdrhistogram`,
+the structure wrk2 and vegeta use).
 """
 
 import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+from hdrh.histogram import HdrHistogram
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import servers
@@ -36,6 +38,13 @@ import servers
 PROJECT_DIR = Path(__file__).resolve().parent
 ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/"}
 PROGRESS_BAR_ABOVE = 200
+PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9}
+# How late asyncio's timers may fire (epoll counts whole milliseconds).
+SLEEP_OVERSHOOT = 0.0015
+# The closed loop pauses this long after a connection error instead of retrying at once.
+ERROR_BACKOFF = 0.05
+# The open loop counts a send as late when it left more than this behind its schedule.
+LATE_SEND = 0.001
 START_HINT = "start it with: gunicorn app:app -k gevent   (after: python seed.py)"
 # The original README's figures, N=5, 5 s sleeps: (python, postgres, SUM TOTAL) per mode.
 ORIGINAL = {"sync": (25.09, 25.05, 50.15), "gevent": (5.08, 25.06, 30.14), "gevent+green": (5.04, 5.03, 10.07)}
@@ -62,12 +71,19 @@ class MatrixSetupFailed(Exception):
 
 @dataclass
 class Outcome:
-    """One request: when it completed (s after the burst started), its status or error."""
+    """One request: when it completed (s after the run started), its status or error, its
+    latency from the moment it was sent, and (open loop) how late it was sent."""
 
     done_at: float
     latency: float
     status: int | None
     error: str | None = None
+    late: float = 0.0
+
+    @property
+    def corrected(self) -> float:
+        """Latency from the moment it was meant to be sent: what a user arriving on time waits."""
+        return self.latency + self.late
 
 
 def error_kind(error: BaseException) -> str:
@@ -102,7 +118,8 @@ async def check_reachable(session: aiohttp.ClientSession, base_url: str) -> None
         raise ServerUnreachable(f"cannot reach {base_url} ({error_kind(error)})") from None
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, started: float) -> Outcome:
+async def fetch(session: aiohttp.ClientSession, url: str, started: float, intended: float | None = None) -> Outcome:
+    """One GET, the one request function of every mode. `intended`: when the schedule wanted it sent."""
     sent = time.perf_counter()
     try:
         async with session.get(url) as response:
@@ -111,7 +128,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, started: float) -> Out
     except (TimeoutError, aiohttp.ClientError, OSError) as caught:
         status, error = None, error_kind(caught)
     now = time.perf_counter()
-    return Outcome(done_at=now - started, latency=now - sent, status=status, error=error)
+    late = max(0.0, sent - intended) if intended is not None else 0.0  # up to SLEEP_OVERSHOOT early counts as on time
+    return Outcome(done_at=now - started, latency=now - sent, status=status, error=error, late=late)
 
 
 async def burst(session, url: str, count: int, on_outcome=None) -> tuple[list[Outcome], float]:
@@ -145,16 +163,22 @@ def wave_gap(seconds: float) -> float:
 
 
 def percentiles(values: list[float]) -> dict:
+    """min, p50, p90, p99, p99.9 and max in seconds, from an HDR histogram (1 µs to 1 h, 3
+    significant digits): the percentiles wrk2 and vegeta report, at a fixed cost per value."""
     if not values:
         return {}
-    ordered = sorted(values)
-    cut = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else ordered * 99
-    return {"min": ordered[0], "p50": cut[49], "p90": cut[89], "p99": cut[98], "max": ordered[-1]}
+    histogram = HdrHistogram(1, 3_600_000_000, 3)
+    for value in values:
+        histogram.record_value(max(1, round(value * 1e6)))
+    figures = {"min": histogram.get_min_value()}
+    figures |= {name: histogram.get_value_at_percentile(at) for name, at in PERCENTILES.items()}
+    figures["max"] = histogram.get_max_value()
+    return {name: microseconds / 1e6 for name, microseconds in figures.items()}
 
 
 @dataclass
 class Report:
-    """Every figure of one route's burst (or one closed-loop run); what --json writes."""
+    """Every figure of one route's burst, one closed-loop or one open-loop run; what --json writes."""
 
     name: str
     url: str
@@ -170,6 +194,13 @@ class Report:
     waves: list = field(default_factory=list)
     ok_waves: list = field(default_factory=list)
     done_times: list = field(default_factory=list)
+    # The open loop's: the rate asked and achieved, sends more than LATE_SEND late, and the
+    # latency from the intended send time (corrected) beside the one from the actual send.
+    rate_asked: float | None = None
+    rate_achieved: float | None = None
+    late_sends: int | None = None
+    latency_corrected: dict = field(default_factory=dict)
+    latency_service: dict = field(default_factory=dict)
 
     @property
     def all_ok(self) -> bool:
@@ -181,10 +212,13 @@ def tally(values) -> dict:
     return dict(sorted(Counter(values).items()))
 
 
-def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds: float) -> Report:
+def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds: float | None = None,
+              rate: float | None = None, send_window: float | None = None) -> Report:
+    """The one summary of every mode: `seconds` (the sleep) for a burst's waves and
+    efficiency, `rate` and `send_window` for an open loop's schedule figures."""
     latencies = [outcome.latency for outcome in outcomes]
     done_times = sorted(outcome.done_at for outcome in outcomes)
-    return Report(
+    report = Report(
         name=name,
         url=url,
         requests=len(outcomes),
@@ -195,11 +229,20 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
         latency=percentiles(latencies),
         requests_per_second=len(outcomes) / wall if wall else 0.0,
         concurrency=sum(latencies) / wall if wall else 0.0,
-        efficiency=min(seconds / wall, 1.0) if wall and seconds else None,
-        waves=find_waves(done_times, wave_gap(seconds)),
-        ok_waves=find_waves([o.done_at for o in outcomes if o.status and 200 <= o.status < 300], wave_gap(seconds)),
-        done_times=done_times,
     )
+    if seconds is not None:
+        gap = wave_gap(seconds)
+        report.efficiency = min(seconds / wall, 1.0) if wall and seconds else None
+        report.waves = find_waves(done_times, gap)
+        report.ok_waves = find_waves([o.done_at for o in outcomes if o.status and 200 <= o.status < 300], gap)
+        report.done_times = done_times
+    if rate is not None:
+        report.rate_asked = rate
+        report.rate_achieved = len(outcomes) / send_window if send_window else 0.0
+        report.late_sends = sum(outcome.late > LATE_SEND for outcome in outcomes)
+        report.latency_corrected = percentiles([outcome.corrected for outcome in outcomes])
+        report.latency_service = report.latency
+    return report
 
 
 # --- printing ----------------------------------------------------------------------------
@@ -217,8 +260,11 @@ def print_summary(report: Report) -> None:
     colour = "green" if report.all_ok else "red"
     errors_shown = f"   [red]errors: {errors}[/]" if errors else ""
     console.print(f"  [bold]answers[/]   [{colour}]{statuses or '-'}[/]{errors_shown}")
+    if report.rate_asked is not None:
+        print_schedule(report)
+        return
     if report.latency:
-        figures = "  ".join(f"{key} {value:.3f}" for key, value in report.latency.items())
+        figures = "  ".join(f"{key} {report.latency[key]:.3f}" for key in ("min", "p50", "p90", "p99", "max"))
         console.print(f"  [bold]latency[/]   {figures} s")
     line = f"  [bold]rate[/]      {report.requests_per_second:.1f} req/s   concurrency {report.concurrency:.1f}"
     if report.efficiency is not None:
@@ -229,6 +275,20 @@ def print_summary(report: Report) -> None:
         if report.ok_waves != report.waves:
             line += f"; of the 2xx answers: {describe_waves(report.ok_waves)}"
         console.print(line)
+
+
+def print_schedule(report: Report) -> None:
+    """The open loop's own lines: the schedule kept or not, and latency both ways."""
+    late_share = report.late_sends / report.requests if report.requests else 0.0
+    colour = "red" if late_share >= 0.01 else "green"
+    console.print(f"  [bold]rate[/]      asked {report.rate_asked:.1f}/s, achieved {report.rate_achieved:.1f}/s;"
+                  f" [{colour}]late sends (> {LATE_SEND * 1000:.0f} ms behind schedule) {report.late_sends}"
+                  f" ({late_share:.1%})[/]")
+    for label, figures in (("corrected", report.latency_corrected), ("service", report.latency_service)):
+        shown = "  ".join(f"{key} {figures[key]:.4f}" for key in ("p50", "p90", "p99", "p999", "max"))
+        console.print(f"  [bold]{label:<9}[/] {shown} s")
+    console.print("  corrected: from the intended send time (what a user arriving on schedule waits);"
+                  " service: from the actual send")
 
 
 def describe_waves(waves: list[int]) -> str:
@@ -316,41 +376,58 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
     """`concurrency` workers each send the next GET as soon as the last answered, for
     `duration` seconds. Nothing is printed per request: the client must not be the bottleneck."""
     url = base_url + path
-    latencies: list[float] = []
-    statuses: Counter = Counter()
-    errors: Counter = Counter()
+    outcomes: list[Outcome] = []
 
-    async def worker(session, deadline):
-        clock = time.perf_counter
-        while (sent := clock()) < deadline:
-            try:
-                async with session.get(url) as response:
-                    await response.read()
-                    status = response.status
-            except (TimeoutError, aiohttp.ClientError, OSError) as caught:
-                errors[error_kind(caught)] += 1
-                continue
-            latencies.append(clock() - sent)
-            statuses[status] += 1
+    async def worker(session, started, deadline):
+        while time.perf_counter() < deadline:
+            outcome = await fetch(session, url, started)
+            outcomes.append(outcome)
+            if outcome.error:
+                await asyncio.sleep(ERROR_BACKOFF)  # a refused connection must not spin the loop
 
     async with client_session(timeout) as session:
         await check_reachable(session, base_url)
         started = time.perf_counter()
-        await asyncio.gather(*(worker(session, started + duration) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(session, started, started + duration) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    total = len(latencies) + sum(errors.values())
-    return Report(
-        name=f"closed loop c={concurrency}",
-        url=url,
-        requests=total,
-        wall=wall,
-        ideal=None,
-        statuses=dict(sorted(statuses.items())),
-        errors=dict(errors),
-        latency=percentiles(latencies),
-        requests_per_second=total / wall,
-        concurrency=sum(latencies) / wall,
-    )
+    return summarize(f"closed loop c={concurrency}", url, outcomes, wall)
+
+
+async def open_loop(base_url: str, path: str, rate: float, duration: float, timeout: float) -> Report:
+    """Send `rate` GETs a second for `duration` seconds on a fixed schedule, whatever the
+    answers, with no cap on requests in flight (each ends by `timeout` at the latest), like
+    wrk2 -R or vegeta -rate. Each request records how late it left, so the latency from its
+    intended send time is known too: a server that stalls cannot make the client send less
+    and so hide the stall ("coordinated omission")."""
+    url = base_url + path
+    interval = 1 / rate
+    count = max(1, round(rate * duration))
+    tasks: list[asyncio.Task] = []
+    async with client_session(timeout) as session:
+        await check_reachable(session, base_url)
+        with Progress(TextColumn("{task.description}"), console=console, transient=True) as progress:
+            line = progress.add_task("", total=count)
+            started = time.perf_counter()
+            for index in range(count):
+                intended = started + index * interval
+                # The loop's timers wake up to a millisecond late: wake early, send on time.
+                if (wait := intended - time.perf_counter() - SLEEP_OVERSHOOT) > 0:
+                    await asyncio.sleep(wait)
+                tasks.append(asyncio.create_task(fetch(session, url, started, intended)))
+                if index % max(1, round(rate / 4)) == 0:  # four updates a second
+                    progress.update(line, description=_progress_line(tasks, index + 1, count))
+            send_window = time.perf_counter() - started
+            outcomes = await asyncio.gather(*tasks)
+            wall = time.perf_counter() - started
+    return summarize(f"open loop {rate:g}/s", url, list(outcomes), wall, rate=rate, send_window=send_window)
+
+
+def _progress_line(tasks: list[asyncio.Task], sent: int, count: int) -> str:
+    done = [task.result() for task in tasks if task.done()]
+    late = sum(outcome.late > LATE_SEND for outcome in done)
+    errors = sum(outcome.error is not None for outcome in done)
+    in_flight = len(tasks) - len(done)
+    return f"sent {sent}/{count}   in flight {in_flight}   answered {len(done)}   late {late}   errors {errors}"
 
 
 def ideal_for(mode: str, route: str, count: int, seconds: float) -> float:
@@ -450,13 +527,21 @@ def describe_blocks(row: dict) -> str:
 # --- command line ------------------------------------------------------------------------
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog="loadtest.py",
         description="Concurrent-request load tester for greenflask (see the module docstring).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("target", nargs="?", help="N requests per route (default 5), or a PATH with -c/-d")
-    parser.add_argument("--url", default="http://localhost:8000", help="server base URL (default %(default)s)")
+    parser.add_argument("target", nargs="?", help="N requests per route (default 5), or a PATH with -c or --rate")
+    parser.add_argument("--url", help="server base URL (default http://localhost:8000)")
     parser.add_argument("--seconds", type=float, default=5.0, help="sleep per request, sent as ?seconds= (default 5)")
     parser.add_argument("--routes", default="python,postgres", help="comma-separated: python, postgres")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in s (default 120)")
@@ -464,17 +549,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no per-response lines, summary or timeline")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the completion timeline (needs matplotlib)")
     parser.add_argument("-c", "--concurrency", type=int, help="closed loop: this many workers")
-    parser.add_argument("-d", "--duration", type=float, default=10.0, help="closed loop: seconds (default 10)")
+    parser.add_argument("--rate", type=float, metavar="R", help="open loop: R requests a second on a fixed schedule")
+    parser.add_argument("-d", "--duration", type=float, default=10.0, help="closed or open loop: seconds (default 10)")
     parser.add_argument("--matrix", type=int, metavar="N", help="start the server in each of the three modes")
     args = parser.parse_args(argv)
 
-    args.url = args.url.rstrip("/")
-    if args.concurrency is not None:
-        if args.concurrency < 1 or args.duration <= 0:
-            parser.error("-c must be >= 1 and -d > 0")
+    modes = [flag for flag, given in (("--matrix", args.matrix is not None), ("-c", args.concurrency is not None),
+                                      ("--rate", args.rate is not None)) if given]
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} are different modes: choose one")
+    if args.matrix is not None and args.url:
+        parser.error("--matrix starts its own servers: --url does not apply")
+    args.url = (args.url or "http://localhost:8000").rstrip("/")
+    if args.concurrency is not None or args.rate is not None:
+        if (args.concurrency is not None and args.concurrency < 1) or (args.rate is not None and args.rate <= 0):
+            parser.error("-c must be >= 1 and --rate > 0")
+        if args.duration <= 0:
+            parser.error("-d must be > 0")
         args.path = args.target or "/todos"
         if not args.path.startswith("/"):
-            parser.error(f"closed-loop PATH must start with '/', got {args.path!r}")
+            parser.error(f"PATH must start with '/', got {args.path!r}")
     else:
         try:
             args.count = int(args.target) if args.target else 5
@@ -512,6 +606,13 @@ def main(argv=None) -> int:
             if args.json:
                 write_json(args.json, {"matrix": rows, "n": args.matrix, "seconds": args.seconds})
             return 0 if all(row["all_ok"] for row in rows) else 1
+        if args.rate is not None:
+            report = asyncio.run(open_loop(args.url, args.path, args.rate, args.duration, args.timeout))
+            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, open loop at {args.rate:g}/s")
+            print_summary(report)
+            if args.json:
+                write_json(args.json, asdict(report))
+            return 0 if report.all_ok else 1
         if args.concurrency is not None:
             report = asyncio.run(closed_loop(args.url, args.path, args.concurrency, args.duration, args.timeout))
             print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {args.concurrency} workers")

@@ -9,7 +9,8 @@ compared are made in this invocation, alternating, so a ratio never mixes two mo
 3. throughput of GET /todos (50 rows) with wrk against the app (gevent with and without its
    metrics, and sync), the raw WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg
    peer (bench/peer_aiohttp.py), with the CPU each server and PostgreSQL spend per request;
-4. the load tester's own closed-loop capacity against wrk's on the same server.
+4. the load tester's own capacity: its closed loop against wrk's on the floor, and the highest
+   rate its open loop keeps on schedule there.
 
 Shorter runs for a quick look: BENCH_RUNS (3), BENCH_SECONDS (sleeps, "1,2"),
 BENCH_ORIGINAL_SECONDS (5), BENCH_WRK_SECONDS (8), BENCH_OUTPUT (BENCHMARKS.md).
@@ -51,6 +52,8 @@ SLEEPS = tuple(float(value) for value in os.environ.get("BENCH_SECONDS", "1,2").
 ORIGINAL_SLEEP = float(os.environ.get("BENCH_ORIGINAL_SECONDS", "5"))
 WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "8"))
 PROCESSES = "2"
+OPEN_LOOP_RATES = (500, 1000, 1500, 2000, 2500, 3000, 4000)
+OPEN_LOOP_SECONDS = 4
 LOG = Path(tempfile.gettempdir()) / "greenflask-bench.log"
 ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT": "30"}
 
@@ -263,7 +266,25 @@ def client_capacity(url: str) -> dict:
             runs["wrk -t2 -c64"].append(wrk(base_url + "/todos")["rps"])
             runs["wrk -t1 -c64"].append(wrk(base_url + "/todos", threads=1)["rps"])
             runs["loadtest.py -c 64"].append(loadtest_closed_loop(base_url))
-    return {name: median(values) for name, values in runs.items()}
+        schedule = open_loop_capacity(base_url)
+    return {"closed": {name: median(values) for name, values in runs.items()}, "open": schedule}
+
+
+def open_loop_capacity(base_url: str) -> list[dict]:
+    """`loadtest.py --rate R` against the floor at rising rates, each run OPEN_LOOP_SECONDS long:
+    the share of late sends (more than 1 ms behind schedule) at each; the highest rate under
+    1 % is what this client can measure on schedule here."""
+    rows = []
+    for rate in OPEN_LOOP_RATES:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, str(ROOT / "loadtest.py"), "--rate", str(rate), "-d", str(OPEN_LOOP_SECONDS),
+                       "/todos", "--url", base_url, "--json", out.name]
+            subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+            report = json.loads(Path(out.name).read_text())
+        rows.append({"rate": rate, "achieved": report["rate_achieved"],
+                     "late": report["late_sends"] / max(report["requests"], 1),
+                     "p99_ms": report["latency_corrected"]["p99"] * 1000})
+    return rows
 
 
 def _body(url: str) -> bytes:
@@ -326,8 +347,15 @@ def render(facts, efficiency, original, speed, client) -> str:
               f"throughput ({with_metrics['server_us'] - without['server_us']:.0f} µs of worker CPU per request)."]
     lines += ["", "## 4. The load tester's own capacity (closed loop, 64 workers, against the floor)", "",
               "| client | req/s | loadtest.py / this |", "|---|---|---|"]
-    for name, rps in client.items():
-        lines.append(f"| {name} | {rps:,.0f} | {client['loadtest.py -c 64'] / rps:.2f} |")
+    closed = client["closed"]
+    for name, rps in closed.items():
+        lines.append(f"| {name} | {rps:,.0f} | {closed['loadtest.py -c 64'] / rps:.2f} |")
+    kept = [row["rate"] for row in client["open"] if row["late"] < 0.01]
+    lines += ["", f"Open loop (`loadtest.py --rate R -d {OPEN_LOOP_SECONDS} /todos`, one run per rate): the highest "
+              f"rate kept on schedule (late sends under 1 %) is **{max(kept) if kept else 'none'} req/s**.", "",
+              "| rate asked | achieved | late sends | corrected p99 |", "|---|---|---|---|"]
+    for row in client["open"]:
+        lines.append(f"| {row['rate']:,} | {row['achieved']:,.0f} | {row['late']:.1%} | {row['p99_ms']:.1f} ms |")
     lines.append("")
     return "\n".join(lines)
 

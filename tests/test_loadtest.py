@@ -23,8 +23,10 @@ LINE = re.compile(r"^\t@ +\d+\.\d\ds got response \[200\]$", re.MULTILINE)
 class SlotServer:
     """An HTTP server with `slots` request slots; each request holds one for ?seconds=."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, stall_after: float = 2.0, stall_seconds: float = 1.0):
         self.slots = slots
+        self.stall_after, self.stall_seconds = stall_after, stall_seconds
+        self.stall_at, self.stalled = None, False
         self.port = servers.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._started = threading.Event()
@@ -40,6 +42,16 @@ class SlotServer:
     async def _ok(self, request):
         return web.json_response({"ok": True})
 
+    async def _stalls_once(self, request):
+        """Fast, except that the first request after `stall_after` s holds the whole server
+        (its event loop) for `stall_seconds`: a pause like a stop-the-world GC or a blocked loop."""
+        if self.stall_at is None:
+            self.stall_at = time.monotonic() + self.stall_after
+        elif not self.stalled and time.monotonic() >= self.stall_at:
+            self.stalled = True
+            time.sleep(self.stall_seconds)  # blocks this server's loop on purpose
+        return web.json_response({"ok": True})
+
     def _run(self):
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
@@ -49,6 +61,7 @@ class SlotServer:
         app.router.add_get("/sleep/postgres/", self._sleep)
         app.router.add_get("/healthz", self._ok)
         app.router.add_get("/fast", self._ok)
+        app.router.add_get("/stalls-once", self._stalls_once)
         app.router.add_get("/fail", self._fail)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
@@ -149,7 +162,7 @@ def test_closed_loop_reports_rate_and_percentiles(three_slots, tmp_path):
     report = json.loads((tmp_path / "c.json").read_text())["reports"][0]
     assert report["requests"] > 100
     assert report["requests_per_second"] > 100
-    assert set(report["latency"]) == {"min", "p50", "p90", "p99", "max"}
+    assert set(report["latency"]) == {"min", "p50", "p90", "p99", "p999", "max"}
     assert "req/s" in result.stdout and "@" not in result.stdout
 
 
@@ -193,3 +206,52 @@ def test_matrix_with_a_server_that_cannot_start_is_exit_2(database_url, tmp_path
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("loadtest.py --matrix: sync: server exited")
+
+
+def test_open_loop_keeps_its_schedule_and_reports_both_latencies(tmp_path):
+    with SlotServer(slots=1000) as server:
+        result = run("--rate", "200", "-d", "2", "/fast", "--url", server.url, "--json", str(tmp_path / "o.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert report["requests"] == 400 and report["statuses"] == {"200": 400} and report["errors"] == {}
+    assert report["rate_asked"] == 200 and 180 < report["rate_achieved"] < 220
+    assert report["late_sends"] < 40, "a 200/s schedule is easy to keep"
+    for key in ("latency_corrected", "latency_service"):
+        assert set(report[key]) >= {"p50", "p90", "p99", "p999", "max"}
+        assert report[key]["p50"] < 0.05
+    assert "late sends (> 1 ms behind schedule)" in result.stdout and "corrected" in result.stdout
+
+
+def test_open_loop_shows_a_stall_that_the_closed_loop_hides(tmp_path, figure):
+    """One 1 s stall of the server in a 5 s run: the closed loop sends less while it waits,
+    so few of its requests meet the stall; the open loop keeps sending on schedule."""
+    with SlotServer(slots=1000) as server:
+        closed = run("-c", "10", "-d", "5", "/stalls-once", "--url", server.url, "--json", str(tmp_path / "c.json"))
+    with SlotServer(slots=1000) as server:
+        opened = run("--rate", "200", "-d", "5", "/stalls-once", "--url", server.url,
+                     "--json", str(tmp_path / "o.json"))
+    assert closed.returncode == 0 and opened.returncode == 0, closed.stderr + opened.stderr
+    closed_p99 = json.loads((tmp_path / "c.json").read_text())["reports"][0]["latency"]["p99"]
+    report = json.loads((tmp_path / "o.json").read_text())
+    corrected, service = report["latency_corrected"], report["latency_service"]
+    assert closed_p99 < 0.2, "the closed loop's p99 hides the stall"
+    assert corrected["p99"] > 0.5 and corrected["max"] > 0.8, "the open loop's corrected p99 shows it"
+    assert service["p99"] <= corrected["p99"] + 0.001
+    figure(f"1 s stall in 5 s: closed loop -c 10 p99 {closed_p99 * 1000:.1f} ms; open loop 200/s: "
+           f"corrected p99 {corrected['p99']:.3f} s (max {corrected['max']:.3f} s), "
+           f"service p99 {service['p99']:.3f} s, late sends {report['late_sends']}")
+
+
+@pytest.mark.parametrize("args", [
+    ("--matrix", "2", "--rate", "10"),
+    ("--matrix", "2", "--url", "http://127.0.0.1:1"),
+    ("-c", "2", "--rate", "10"),
+    ("--rate", "0"),
+    ("--rate", "10", "todos"),
+])
+def test_conflicting_or_bad_command_lines_are_one_line_exit_2(args):
+    result = run(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("loadtest.py: ")
+
