@@ -57,6 +57,7 @@ class Settings:
     pool_recycle: int
     connect_timeout: float
     statement_timeout_ms: int
+    pgbouncer: bool
     application_name: str
     psycogreen: str
     sleep_max_seconds: float
@@ -80,6 +81,9 @@ class Settings:
             connect_timeout=env_number("DB_CONNECT_TIMEOUT", 5.0, float, minimum=0.1),
             # Above SLEEP_MAX_SECONDS, so the longest allowed pg_sleep still answers.
             statement_timeout_ms=env_number("DB_STATEMENT_TIMEOUT", 65_000),
+            # Behind PgBouncer (transaction pooling): statement_timeout is a database setting
+            # (seed.py), not a startup parameter, which PgBouncer refuses.
+            pgbouncer=env_flag("DB_PGBOUNCER", False),
             application_name=os.environ.get("DB_APPLICATION_NAME") or "greenflask",
             psycogreen=_env_green_mode(),
             sleep_max_seconds=env_number("SLEEP_MAX_SECONDS", 60.0, float),

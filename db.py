@@ -90,19 +90,28 @@ def build_engine(url: str, settings: Settings) -> Engine:
         pool_recycle=settings.pool_recycle,
         # LIFO reuses the most recently returned connections; a burst's extras rest below.
         pool_use_lifo=True,
-        connect_args={
-            "application_name": settings.application_name,
-            # Honoured by libpq in blocking mode (the sync worker); green.py bounds the rest.
-            "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
-            "options": f"-c statement_timeout={settings.statement_timeout_ms}",
-            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
-            **TCP_KEEPALIVE,
-        },
+        connect_args=connect_args(settings),
     )
     event.listen(engine, "connect", _note_answered)
     event.listen(engine, "checkout", _check_liveness(settings.connect_timeout))
     event.listen(engine, "checkin", _on_checkin)
     return engine
+
+
+def connect_args(settings: Settings) -> dict:
+    """libpq's connection parameters. statement_timeout is sent as a startup option, except
+    behind PgBouncer, which refuses startup options: there it is the database's own setting
+    (`python seed.py` with DB_PGBOUNCER=1), so no session state is needed at all."""
+    args = {
+        "application_name": settings.application_name,
+        # Honoured by libpq in blocking mode (the sync worker); green.py bounds the rest.
+        "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        **TCP_KEEPALIVE,
+    }
+    if not settings.pgbouncer:
+        args["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
+    return args
 
 
 def _note_answered(dbapi_connection, connection_record) -> None:
@@ -122,7 +131,8 @@ def _check_liveness(seconds: float):
     on a host that stopped answering. Here it gets `seconds`. A connection that fails the
     check (e.g. its backend was terminated) is replaced by the pool with a new one; one
     that does not answer in time means the host is stalled, and the request answers 503
-    at once rather than wait again for a new connection.
+    at once rather than wait again for a new connection. A connection that answered less
+    than LIVENESS_BYPASS_SECONDS ago is not checked.
     """
 
     def check(dbapi_connection, connection_record, connection_proxy) -> None:
@@ -163,7 +173,6 @@ class Database:
         self.settings = settings
         self._engine: Engine | None = None
         self._pid: int | None = None
-        self.green = False
 
     @property
     def engine(self) -> Engine:
@@ -172,7 +181,7 @@ class Database:
         if self._engine is not None:
             # Inherited from the parent (e.g. --preload): never touch its sockets here.
             self._engine.dispose(close=False)
-        self.green = install_wait_callback(self.settings)
+        green_callback = install_wait_callback(self.settings)
         self._engine = build_engine(self.url(), self.settings)
         self._pid = os.getpid()
         metrics.POOL_SIZE.set(self._engine.pool.size())
@@ -180,7 +189,7 @@ class Database:
             "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss",
             self._pid,
             "gevent" if socket_is_green() else "sync",
-            "on" if self.green else "off",
+            "on" if green_callback else "off",
             self.settings.pool_size,
             self.settings.max_overflow,
             self.settings.pool_timeout,
@@ -202,22 +211,32 @@ class Database:
             "overflow_in_use": max(pool.overflow(), 0),
         }
 
-    def check_connection_budget(self, workers: int) -> None:
-        """Warn, with the arithmetic, when the pools can ask for more than the server allows."""
+    def check_server(self, workers: int) -> None:
+        """Warn, with the arithmetic, when the pools can ask for more connections than the
+        server allows; behind PgBouncer, when the database's statement_timeout is not ours."""
         settings = self.settings
-        per_worker = settings.pool_size + settings.max_overflow
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(
                     text(
-                        "SELECT name, setting::int FROM pg_settings WHERE name IN "
-                        "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"
+                        "SELECT name, setting::int FROM pg_settings WHERE name IN ('max_connections', "
+                        "'superuser_reserved_connections', 'reserved_connections', 'statement_timeout')"
                     )
                 )
                 server = dict(rows.all())
         except Exception as error:  # the server may be down at start; requests will answer 503
-            log.warning("could not check the connection budget: %s", error.__class__.__name__)
+            log.warning("could not check the server's settings: %s", error.__class__.__name__)
             return
+        if settings.pgbouncer:
+            # The pools hold PgBouncer's client connections, not the server's: no budget here.
+            if server["statement_timeout"] != settings.statement_timeout_ms:
+                log.warning(
+                    "statement timeout differs: the database says %d ms, DB_STATEMENT_TIMEOUT %d ms; "
+                    "run python seed.py with DB_PGBOUNCER=1 (then PgBouncer's RECONNECT)",
+                    server["statement_timeout"], settings.statement_timeout_ms,
+                )
+            return
+        per_worker = settings.pool_size + settings.max_overflow
         reserved = server["superuser_reserved_connections"] + server.get("reserved_connections", 0)
         available = server["max_connections"] - reserved
         if workers * per_worker > available:

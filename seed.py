@@ -43,15 +43,31 @@ def seed(engine: Engine, count: int = 50, reset: bool = False) -> int:
     return inserted
 
 
+def set_statement_timeout(engine: Engine, milliseconds: int) -> str:
+    """Make DB_STATEMENT_TIMEOUT the database's own default (for DB_PGBOUNCER=1, where the app
+    cannot send it at connect). It applies to sessions opened afterwards: run this before
+    PgBouncer opens its server connections, or RECONNECT them. Returns the database's name."""
+    with engine.connect() as conn:
+        database = conn.scalar(text("SELECT current_database()"))
+        quoted = engine.dialect.identifier_preparer.quote(database)
+        conn.execute(text(f"ALTER DATABASE {quoted} SET statement_timeout = {int(milliseconds)}"))
+        conn.commit()
+    return database
+
+
 @click.command()
 @click.option("--reset", is_flag=True, help="Drop and recreate the todos table first.")
 @click.option("--count", default=50, show_default=True, type=click.IntRange(0, 100_000), help="Seed todos to ensure.")
 def main(reset: bool, count: int) -> None:
     """Create the todos table if missing and make sure the seed todos exist."""
+    settings = Settings.from_env()
     try:
-        url = db.database_url(Settings.from_env())
+        url = db.database_url(settings)
         engine = embedded_pg.script_engine(url)
         inserted = seed(engine, count=count, reset=reset)
+        if settings.pgbouncer:
+            database = set_statement_timeout(engine, settings.statement_timeout_ms)
+            click.echo(f"statement_timeout {settings.statement_timeout_ms} ms set on database {database}")
         with engine.connect() as conn:
             total = conn.scalar(select(func.count()).select_from(todos))
     except (SQLAlchemyError, OSError) as error:

@@ -68,6 +68,17 @@ def recovery_seconds(server, within: float = 15) -> float | None:
     return None
 
 
+def forward_and_recover(proxy, server) -> tuple[float, int]:
+    """Let the proxy forward again; (seconds until GET /todos answers 200, connections left
+    checked out once idle), both checked: back within a few seconds, nothing left held."""
+    proxy.set_mode("forward")
+    recovered = recovery_seconds(server)
+    left = checked_out_when_idle(server)
+    assert recovered is not None and recovered < 5, "back without a restart"
+    assert left == 0, "no connection left checked out"
+    return recovered, left
+
+
 def checked_out_when_idle(server, within: float = 5) -> int:
     deadline = time.monotonic() + within
     while (checked_out := server.stats()["pool"]["checked_out"]) and time.monotonic() < deadline:
@@ -86,9 +97,7 @@ def test_stall_mid_query_answers_504_and_recovers(proxied_server, proxy, figure)
     new, new_seconds = timed(send_many, "GET", server.url("/todos"), [None] * 5)
     in_flight.join()
     stuck, stuck_seconds = in_flight.result
-    proxy.set_mode("forward")
-    recovered = recovery_seconds(server)
-    left = checked_out_when_idle(server)
+    recovered, left = forward_and_recover(proxy, server)
 
     assert stats.status == 200 and stats_seconds < 0.5, "a route without the database answers at once"
     assert codes(stuck) == {(504, "statement_timeout")}, stuck
@@ -96,8 +105,6 @@ def test_stall_mid_query_answers_504_and_recovers(proxied_server, proxy, figure)
     assert stuck_seconds < STATEMENT_BOUND + SLACK
     assert codes(new) == {(503, "database_unavailable")}, new
     assert new_seconds < CONNECT_BOUND + SLACK
-    assert recovered is not None and recovered < 5
-    assert left == 0
     assert server.log().count("504 statement_timeout: statement: no answer") == 5, "logged once per request"
     figure(f"stall mid-query | statement {STATEMENT_BOUND:g} s | 5 in flight: 504 in {stuck_seconds:.2f} s; "
            f"5 new: 503 in {new_seconds:.2f} s; /stats in {stats_seconds * 1000:.0f} ms | "
@@ -111,15 +118,11 @@ def test_stall_between_requests_answers_503_and_recovers(proxied_server, proxy, 
     proxy.set_mode("stall")
     new, new_seconds = timed(send_many, "GET", server.url("/todos"), [None] * 10)
     healthz, healthz_seconds = timed(server.get, "/healthz")
-    proxy.set_mode("forward")
-    recovered = recovery_seconds(server)
-    left = checked_out_when_idle(server)
+    recovered, left = forward_and_recover(proxy, server)
 
     assert codes(new + [healthz]) == {(503, "database_unavailable")}, new
     assert max(new_seconds, healthz_seconds) < CONNECT_BOUND + SLACK
     assert "liveness: no answer from the database within 1 s" in server.log()
-    assert recovered is not None and recovered < 5
-    assert left == 0
     figure(f"stall between requests (idle pooled connections) | liveness {CONNECT_BOUND:g} s | "
            f"10 new: 503 in {new_seconds:.2f} s, /healthz 503 in {healthz_seconds:.2f} s | "
            f"recovered in {recovered:.2f} s | checked out {left}")
@@ -131,17 +134,13 @@ def test_black_hole_at_start_answers_503_and_recovers(proxied_server, proxy, wor
     server = proxied_server(*(["-k", "gevent"] if worker == "gevent" else []))
     answers, seconds = timed(lambda: [server.get(path) for path in ("/todos", "/healthz")])
     stats, stats_seconds = timed(server.get, "/stats")
-    proxy.set_mode("forward")
-    recovered = recovery_seconds(server)
-    left = checked_out_when_idle(server)
+    recovered, left = forward_and_recover(proxy, server)
 
     # libpq's own connect_timeout (sync worker) counts whole seconds, at least 2.
     bound = CONNECT_BOUND if worker == "gevent" else 2.0
     assert codes(answers) == {(503, "database_unavailable")}, answers
     assert seconds < 2 * (bound + SLACK), "two requests, one after the other"
     assert stats.status == 200 and stats_seconds < 0.5
-    assert recovered is not None and recovered < 5
-    assert left == 0
     figure(f"black hole at start ({worker}) | connect {bound:g} s | /todos then /healthz: 503 in "
            f"{seconds:.2f} s for both | recovered in {recovered:.2f} s | checked out {left}")
 
@@ -151,14 +150,10 @@ def test_every_connection_reset_answers_503_and_recovers(proxied_server, proxy, 
     assert {answer.status for answer in send_many("GET", server.url("/todos"), [None] * 5)} == {200}
     proxy.set_mode("reset")
     new, new_seconds = timed(send_many, "GET", server.url("/todos"), [None] * 10)
-    proxy.set_mode("forward")
-    recovered = recovery_seconds(server)
-    left = checked_out_when_idle(server)
+    recovered, left = forward_and_recover(proxy, server)
 
     assert codes(new) == {(503, "database_unavailable")}, new
     assert new_seconds < 1.0, "a reset is an answer: no bound needs to pass"
-    assert recovered is not None and recovered < 5
-    assert left == 0
     figure(f"every connection reset | none needed | 10 new: 503 in {new_seconds:.2f} s | "
            f"recovered in {recovered:.2f} s | checked out {left}")
 

@@ -1,0 +1,145 @@
+"""The app behind a real PgBouncer in transaction pooling mode (Debian's `pgbouncer`).
+
+PgBouncer refuses to run as root: as root it is started with `-u` as the user that owns the
+database's socket folder (the embedded server) or `postgres`. It is stopped by its PID.
+"""
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_error, burst
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+import embedded_pg
+import servers
+
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+DATABASE = "greenflask_pgbouncer"
+POOL_SIZE = 10
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed: apt-get install pgbouncer"
+)
+
+
+def run_as_user(socket_dir: str | None) -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    owner = pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name if socket_dir else "postgres"
+    return ["-u", owner]
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(database_url):
+    """PgBouncer (pool_mode = transaction, default_pool_size 10) in front of the test server,
+    for a database of its own; yields the app's URL through it."""
+    server_url = make_url(database_url)
+    db_url = embedded_pg.ensure_database(database_url, DATABASE)
+    engine = embedded_pg.script_engine(db_url)
+    # Straight to the server, before PgBouncer opens server connections: a database setting
+    # applies to the sessions opened after it.
+    seeded = run_seed({"DATABASE_URL": db_url, "DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500"})
+    assert seeded.returncode == 0, seeded.stderr
+    assert "statement_timeout 500 ms set on database greenflask_pgbouncer" in seeded.stdout
+    socket_dir = server_url.query.get("host")
+    # Not pytest's tmp_path: its parents are private to root, and PgBouncer runs as another user.
+    folder = Path(tempfile.mkdtemp(prefix="greenflask-pgbouncer-"))
+    folder.chmod(0o777)
+    port = servers.free_port()
+    user = server_url.username or "postgres"
+    (folder / "users.txt").write_text(f'"{user}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        f"""[databases]
+{DATABASE} = host={socket_dir or server_url.host or "127.0.0.1"} port={server_url.port or 5432} dbname={DATABASE}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {folder / "users.txt"}
+pool_mode = transaction
+default_pool_size = {POOL_SIZE}
+max_client_conn = 500
+logfile = {folder / "pgbouncer.log"}
+pidfile = {folder / "pgbouncer.pid"}
+"""
+    )
+    for path in folder.iterdir():
+        path.chmod(0o666)
+    process = subprocess.Popen([PGBOUNCER, *run_as_user(socket_dir), str(folder / "pgbouncer.ini")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = server_url.set(host="127.0.0.1", port=port, database=DATABASE, query={})
+    try:
+        _wait_for_port(port, process)
+        yield url.render_as_string(hide_password=False), folder / "pgbouncer.log"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        with engine.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE {DATABASE} RESET statement_timeout"))
+            conn.commit()
+        engine.dispose()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_seed(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "seed.py", "--reset"], cwd=servers.PROJECT_DIR,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def _wait_for_port(port: int, process, within: float = 10) -> None:
+    import socket
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited with status {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("pgbouncer did not listen")
+
+
+def test_without_the_setting_pgbouncer_refuses_the_startup_options(start_server, pgbouncer):
+    url, log = pgbouncer
+    server = start_server("-k", "gevent", database=url, env={"DB_POOL_SIZE": "5"})
+    try:
+        answer = server.get("/todos")
+    finally:
+        server.stop()
+    assert_error(answer, 503, "database_unavailable")
+    assert "unsupported startup parameter: options" in log.read_text()
+
+
+def test_behind_pgbouncer_with_db_pgbouncer_1(start_server, pgbouncer, figure):
+    url, _ = pgbouncer
+    seeded = run_seed({"DATABASE_URL": url, "DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500"})
+    env = {"DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500", "DB_POOL_SIZE": "30"}
+    server = start_server("-k", "gevent", database=url, env=env)
+    try:
+        todos = server.get("/todos")
+        slow = server.get("/sleep/postgres/?seconds=2")
+        outcomes, wall = burst(server.url("/sleep/postgres/?seconds=0.3"), 30)
+        after = server.get("/todos")
+    finally:
+        server.stop()
+    assert seeded.returncode == 0, "seed.py works through PgBouncer: " + seeded.stderr
+    assert "statement timeout differs" not in server.log()
+    assert todos.status == 200 and len(todos.json()["todos"]) == 50
+    assert_error(slow, 504, "statement_timeout")
+    assert "canceling statement due to statement timeout" in server.log(), "the server's own timeout answered"
+    assert [outcome.status for outcome in outcomes] == [200] * 30
+    # 30 sleeps of 0.3 s through 10 server connections: three waves, about 0.9 s.
+    assert 0.8 < wall < 2.5, f"{wall:.2f} s"
+    assert after.status == 200
+    figure(f"behind PgBouncer (transaction mode, pool {POOL_SIZE}): /todos 200; statement_timeout 500 ms from the "
+           f"database setting answered 504; 30 x pg_sleep(0.3) in {wall:.2f} s (waves of the PgBouncer pool)")
