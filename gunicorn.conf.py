@@ -10,23 +10,6 @@ from pathlib import Path
 
 from config import Settings, env_number
 
-# prometheus_client picks its multiprocess mode when it is first imported, which happens
-# after this file is read (in each worker, or in the master with --preload): so the folder
-# is chosen here, first. A fresh one per server start, removed at exit; a folder given in
-# PROMETHEUS_MULTIPROC_DIR is emptied instead (old files would add to the sums).
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _metrics_dir, _metrics_dir_is_ours = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), False
-    _metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in _metrics_dir.glob("*.db"):
-        stale.unlink()
-else:
-    # In memory (tmpfs) where there is one: every request writes to these files' pages, and
-    # on a disk-backed folder the kernel keeps writing them back (measured in BENCHMARKS.md).
-    _in_memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    _metrics_dir = Path(tempfile.mkdtemp(prefix="greenflask-metrics-", dir=_in_memory))
-    _metrics_dir_is_ours = True
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
-
 _settings = Settings.from_env()
 bind = "127.0.0.1:8000"
 workers = env_number("WEB_CONCURRENCY", 1, minimum=1)
@@ -40,6 +23,24 @@ control_socket_disable = True
 # ACCESS_LOG=1: one line per request on stderr, with the time it took in seconds (%(L)s).
 accesslog = "-" if _settings.access_log else None
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss pid=%(p)s'
+
+# prometheus_client picks its multiprocess mode when it is first imported, which happens
+# after this file is read (in each worker, or in the master with --preload): so the folder
+# is chosen here, after the settings above have parsed (a bad one exits before any folder
+# exists). A fresh one per server start, removed at exit; a folder given in
+# PROMETHEUS_MULTIPROC_DIR is emptied instead (old files would add to the sums).
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _metrics_dir, _metrics_dir_is_ours = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), False
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _metrics_dir.glob("*.db"):
+        stale.unlink()
+else:
+    # In memory (tmpfs) where there is one: every request writes to these files' pages, and
+    # on a disk-backed folder the kernel keeps writing them back (measured in BENCHMARKS.md).
+    _in_memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    _metrics_dir = Path(tempfile.mkdtemp(prefix="greenflask-metrics-", dir=_in_memory))
+    _metrics_dir_is_ours = True
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 
 def on_starting(server):

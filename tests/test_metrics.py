@@ -2,11 +2,15 @@
 against real gunicorn processes and PostgreSQL."""
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import burst, send_many
+from conftest import ROOT, burst, send_many
 from prometheus_client.parser import text_string_to_metric_families
 from test_reliability import _wait_for_new_worker, in_background
 
@@ -111,3 +115,17 @@ def test_detector_is_off_under_the_sync_worker_and_with_0(start_server):
         sync.stop()
         off.stop()
     assert "block detector on" not in logs
+
+
+def test_the_metrics_folder_lives_as_long_as_the_server(start_server):
+    server = start_server("-k", "gevent")
+    folder = Path(re.search(r"metrics of all workers in (\S+)", server.log()).group(1))
+    existed = folder.is_dir()
+    server.stop()
+    assert existed and not folder.exists(), "made at start, removed at exit"
+    shm = Path("/dev/shm")
+    before = set(shm.glob("greenflask-metrics-*"))
+    failed = subprocess.run([sys.executable, "-m", "gunicorn", "app:app", "-b", "127.0.0.1:0"], cwd=ROOT,
+                            env={**os.environ, "GUNICORN_TIMEOUT": "soon"}, capture_output=True, timeout=30)
+    assert failed.returncode != 0 and b"GUNICORN_TIMEOUT" in failed.stderr
+    assert set(shm.glob("greenflask-metrics-*")) == before, "a server that cannot start leaves no folder"
