@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 import embedded_pg
 import green
 import metrics
+import sizing
 from config import Settings
 from errors import first_line
 
@@ -236,14 +237,15 @@ class Database:
                     server["statement_timeout"], settings.statement_timeout_ms,
                 )
             return
-        per_worker = settings.pool_size + settings.max_overflow
+        wanted = sizing.app_connections(1, workers, settings.pool_size, settings.max_overflow)
         reserved = server["superuser_reserved_connections"] + server.get("reserved_connections", 0)
         available = server["max_connections"] - reserved
-        if workers * per_worker > available:
+        if wanted > available:
             log.warning(
                 "pool may exceed the server: %d workers x (pool_size %d + max_overflow %d) = %d "
-                "> max_connections %d - reserved %d = %d; lower DB_POOL_SIZE or WEB_CONCURRENCY",
-                workers, settings.pool_size, settings.max_overflow, workers * per_worker,
+                "> max_connections %d - reserved %d = %d; lower DB_POOL_SIZE or WEB_CONCURRENCY "
+                "(python sizing.py for several hosts)",
+                workers, settings.pool_size, settings.max_overflow, wanted,
                 server["max_connections"], reserved, available,
             )
 
