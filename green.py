@@ -50,7 +50,7 @@ class Bounds:
         return cls(settings.connect_timeout, settings.statement_timeout_ms / 1000 + STATEMENT_MARGIN_SECONDS)
 
 
-_bounds = Bounds(connect=5.0, statement=66.0)
+_bounds: Bounds  # set by install(), before the callback can run
 _phase: ContextVar[tuple[str, float] | None] = ContextVar("greenflask_wait_phase", default=None)
 
 

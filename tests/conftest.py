@@ -7,6 +7,8 @@ import http.client
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -250,6 +252,27 @@ def green_server(start_server, database_url, engine):
     server = start_server("-k", "gevent")
     yield server
     server.stop()
+
+
+def in_background(function, *args):
+    """Run `function` in a thread; `.result` holds its return value after `.join()`."""
+    thread = threading.Thread(target=lambda: setattr(thread, "result", function(*args)))
+    thread.start()
+    return thread
+
+
+def wait_for_new_worker(server, old_pid: int, within: float = 20) -> int | None:
+    """The pid /stats reports once a worker other than `old_pid` answers; None if none does."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            pid = server.stats()["pid"]
+            if pid != old_pid:
+                return pid
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return None
 
 
 # --- figures for RELIABILITY.md ------------------------------------------------------------

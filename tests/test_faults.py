@@ -10,9 +10,8 @@ forwards again, and the connections left checked out (RELIABILITY.md's table).
 import time
 
 import pytest
-from conftest import request, send_many
+from conftest import in_background, request, send_many
 from faultproxy import FaultProxy
-from test_reliability import in_background
 
 import db
 

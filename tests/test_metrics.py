@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, burst, send_many
+from conftest import ROOT, burst, in_background, send_many, wait_for_new_worker
 from prometheus_client.parser import text_string_to_metric_families
-from test_reliability import _wait_for_new_worker, in_background
 
 
 def scrape(server) -> dict:
@@ -76,7 +75,7 @@ def test_a_killed_worker_leaves_the_sums(two_workers):
     assert value(scrape(two_workers), "greenflask_db_pool_size") == 10
     killed = two_workers.stats()["pid"]
     os.kill(killed, signal.SIGKILL)
-    assert _wait_for_new_worker(two_workers, killed) is not None
+    assert wait_for_new_worker(two_workers, killed) is not None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len({two_workers.stats()["pid"] for _ in range(10)}) < 2:
         time.sleep(0.2)

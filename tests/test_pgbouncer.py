@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,8 +97,6 @@ def run_seed(env: dict) -> subprocess.CompletedProcess:
 
 
 def _wait_for_port(port: int, process, within: float = 10) -> None:
-    import socket
-
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if process.poll() is not None:

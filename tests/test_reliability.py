@@ -5,11 +5,19 @@ folder), so it never touches the shared server or the machine's own."""
 
 import os
 import signal
-import threading
 import time
 
 import pytest
-from conftest import burst, busy_connections, open_connections, request, row_count, send_many
+from conftest import (
+    burst,
+    busy_connections,
+    in_background,
+    open_connections,
+    request,
+    row_count,
+    send_many,
+    wait_for_new_worker,
+)
 from sqlalchemy import text
 
 import embedded_pg
@@ -26,13 +34,6 @@ def own_postgres(tmp_path_factory):
     yield pgdata, url, engine
     engine.dispose()
     embedded_pg.stop(pgdata)
-
-
-def in_background(function, *args):
-    """Run `function` in a thread; `.result` holds its return value after `.join()`."""
-    thread = threading.Thread(target=lambda: setattr(thread, "result", function(*args)))
-    thread.start()
-    return thread
 
 
 def test_database_stopped_then_back(own_postgres, start_server, figure):
@@ -130,7 +131,7 @@ def test_sigkill_of_a_worker_is_replaced(start_server, figure):
         killed_pid = server.stats()["pid"]
         os.kill(killed_pid, signal.SIGKILL)
         started = time.monotonic()
-        new_pid = _wait_for_new_worker(server, killed_pid)
+        new_pid = wait_for_new_worker(server, killed_pid)
         replaced_in = time.monotonic() - started
         outcomes, _ = burst(server.url("/sleep/postgres/?seconds=0.2"), 20)
     finally:
@@ -138,19 +139,6 @@ def test_sigkill_of_a_worker_is_replaced(start_server, figure):
     assert new_pid != killed_pid
     assert [outcome.status for outcome in outcomes] == [200] * 20
     figure(f"worker {killed_pid} killed; new worker answering after {replaced_in:.1f} s; 20/20 200 after")
-
-
-def _wait_for_new_worker(server, old_pid: int, within: float = 20) -> int | None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            pid = server.stats()["pid"]
-            if pid != old_pid:
-                return pid
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    return None
 
 
 def test_500_concurrent_creates_lose_and_duplicate_nothing(green_server, seeded, figure):
