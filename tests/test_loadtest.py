@@ -196,7 +196,8 @@ def test_matrix_reproduces_the_three_modes(database_url, tmp_path):
     assert observed[("gevent", "python")] < 0.9 and observed[("gevent", "postgres")] > 0.9
     assert observed[("gevent+green", "python")] < 0.9 and observed[("gevent+green", "postgres")] < 0.9
     blocks = {row["mode"]: row["loop_blocks"] for row in rows}
-    assert blocks == {"sync": None, "gevent": 2, "gevent+green": 0}, "the server sees its own blocking"
+    assert blocks["sync"] is None and blocks["gevent+green"] == 0, blocks
+    assert blocks["gevent"] >= 2, "the server sees its own blocking: at least one block per pg_sleep"
 
 
 def test_matrix_with_a_server_that_cannot_start_is_exit_2(database_url, tmp_path):
