@@ -6,6 +6,7 @@ server prints at start-up.
 
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass
 
 
@@ -51,6 +52,7 @@ def env_flag(name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
+    database_read_url: str | None
     pool_size: int
     max_overflow: int
     pool_timeout: float
@@ -65,11 +67,14 @@ class Settings:
     metrics: bool
     loop_block_warn_ms: int
     access_log: bool
+    host_name: str
 
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,
+            # A streaming replica for read-only sessions; writes always go to DATABASE_URL.
+            database_read_url=os.environ.get("DATABASE_READ_URL") or None,
             # One worker must hold `python loadtest.py 100` in one wave: 100 connections,
             # fixed size (overflow connections are closed on return, which makes waves).
             pool_size=env_number("DB_POOL_SIZE", 100, minimum=1),
@@ -92,12 +97,15 @@ class Settings:
             # gevent workers only; 0 turns the detector off.
             loop_block_warn_ms=env_number("LOOP_BLOCK_WARN_MS", 100),
             access_log=env_flag("ACCESS_LOG", False),
+            # Which host answered, in /stats (deploy/cluster.py names its hosts host1, host2...).
+            host_name=os.environ.get("HOST_NAME") or socket.gethostname(),
         )
 
     def describe(self) -> str:
         """One line of every setting, with any password in the URL hidden."""
         shown = asdict(self)
         shown["database_url"] = _hide_password(self.database_url) or "(embedded)"
+        shown["database_read_url"] = _hide_password(self.database_read_url) or "(database_url)"
         return " ".join(f"{key}={value}" for key, value in shown.items())
 
 

@@ -27,7 +27,9 @@ from sqlalchemy.orm import Session
 
 import embedded_pg
 import green
+import health
 import metrics
+import models
 import sizing
 from config import Settings
 from errors import first_line
@@ -46,6 +48,13 @@ TCP_USER_TIMEOUT_MS = 15_000
 # checkout: one round trip fewer per request. A connection that died within the window
 # fails its first statement instead, and `read()` retries read-only work once.
 LIVENESS_BYPASS_SECONDS = 0.5
+REPLICA_LAG_SQL = (
+    "SELECT pg_is_in_recovery(), CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+    " ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END"
+)
+# /healthz answers 200 without a query while the database answered within this window.
+# A host cut from its database leaves the balancer's rotation up to this much later.
+HEALTHY_WINDOW_SECONDS = 3
 
 
 # --- the wait callback -------------------------------------------------------------------
@@ -94,7 +103,13 @@ def build_engine(url: str, settings: Settings) -> Engine:
         connect_args=connect_args(settings),
     )
     event.listen(engine, "connect", _note_answered)
-    event.listen(engine, "checkout", _check_liveness(settings.connect_timeout))
+    if not settings.pgbouncer:
+        # Behind PgBouncer the check's SELECT 1 is a transaction of its own: it waits in
+        # PgBouncer's queue for a server connection, then the request queues again for its
+        # own transaction, and a busy pool turns into 503s from the check's short bound.
+        # PgBouncer checks its server connections itself (server_check_query); a dead
+        # connection to PgBouncer fails the first statement, which `read()` retries.
+        event.listen(engine, "checkout", _check_liveness(settings.connect_timeout))
     event.listen(engine, "checkin", _on_checkin)
     return engine
 
@@ -122,6 +137,8 @@ def _note_answered(dbapi_connection, connection_record) -> None:
 
 def _on_checkin(dbapi_connection, connection_record) -> None:
     _note_answered(dbapi_connection, connection_record)
+    if dbapi_connection is not None and not dbapi_connection.closed:  # None: invalidated
+        health.note_answer()
     _driver_autocommit_off(dbapi_connection, connection_record)
 
 
@@ -168,34 +185,49 @@ def database_url(settings: Settings) -> str:
 
 
 class Database:
-    """One app's engine, made once per process (after fork) from the app's settings."""
+    """One app's engines, made once per process (after fork) from the app's settings: the
+    primary's, and a replica's for read-only sessions when DATABASE_READ_URL is set."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._engine: Engine | None = None
+        self._read_engine: Engine | None = None
         self._pid: int | None = None
 
     @property
     def engine(self) -> Engine:
-        if self._engine is not None and self._pid == os.getpid():
-            return self._engine
-        if self._engine is not None:
-            # Inherited from the parent (e.g. --preload): never touch its sockets here.
-            self._engine.dispose(close=False)
+        if self._pid != os.getpid():
+            self._make_engines()
+        return self._engine
+
+    @property
+    def read_engine(self) -> Engine:
+        """The replica's engine (its own pool, same settings), or the primary's without one."""
+        if self._pid != os.getpid():
+            self._make_engines()
+        return self._read_engine
+
+    def _make_engines(self) -> None:
+        for inherited in (self._engine, self._read_engine):
+            if inherited is not None:
+                # Inherited from the parent (e.g. --preload): never touch its sockets here.
+                inherited.dispose(close=False)
         green_callback = install_wait_callback(self.settings)
         self._engine = build_engine(self.url(), self.settings)
+        replica_url = self.settings.database_read_url
+        self._read_engine = build_engine(replica_url, self.settings) if replica_url else self._engine
         self._pid = os.getpid()
         metrics.POOL_SIZE.set(self._engine.pool.size())
         log.info(
-            "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss",
+            "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss reads=%s",
             self._pid,
             "gevent" if socket_is_green() else "sync",
             "on" if green_callback else "off",
             self.settings.pool_size,
             self.settings.max_overflow,
             self.settings.pool_timeout,
+            "replica" if replica_url else "primary",
         )
-        return self._engine
 
     def url(self) -> str:
         return database_url(self.settings)
@@ -211,6 +243,20 @@ class Database:
             "checked_in": pool.checkedin(),
             "overflow_in_use": max(pool.overflow(), 0),
         }
+
+    def replica_status(self) -> dict | None:
+        """The read replica's replication lag, for /stats; None without DATABASE_READ_URL.
+        Lag is 0 while the replica has replayed all it received, else the age of the last
+        transaction it replayed (the usual measure: an idle primary does not count as lag)."""
+        if not self.settings.database_read_url:
+            return None
+        try:
+            with green.bounded("liveness", self.settings.connect_timeout), self.read_engine.connect() as conn:
+                in_recovery, lag = conn.exec_driver_sql(REPLICA_LAG_SQL).one()
+        except Exception as error:  # /stats answers whatever the replica does
+            return {"reachable": False, "error": first_line(getattr(error, "orig", None) or error)}
+        return {"reachable": True, "in_recovery": in_recovery, "lag_seconds": None if lag is None else float(lag),
+                "pool_checked_out": self.read_engine.pool.checkedout()}
 
     def check_server(self, workers: int) -> None:
         """Warn, with the arithmetic, when the pools can ask for more connections than the
@@ -263,7 +309,8 @@ def database(app: Flask | None = None) -> Database:
 
 
 def read_session() -> Session:
-    """The request's session for routes that only read: each SELECT is its own transaction.
+    """The request's session for routes that only read: each SELECT is its own transaction
+    (except behind PgBouncer, see `_request_session`).
 
     In a transaction psycopg2 sends BEGIN before the first statement and the session's close
     sends ROLLBACK; a read-only request gains nothing from them. Setting the driver
@@ -289,8 +336,13 @@ def _request_session(read_only: bool) -> Session:
             raise RuntimeError(f"this request already opened a {opened} session; ask for one kind per request")
         return g.db_session
     # In g before its connection is touched, so teardown closes it whatever happens next.
-    g.db_session, g.db_read_only = Session(database().engine), read_only
-    if read_only:
+    engine = database().read_engine if read_only else database().engine
+    g.db_session, g.db_read_only = Session(engine), read_only
+    # Behind PgBouncer (transaction mode) every transaction queues for a server connection
+    # on its own: a request's statements in autocommit would queue once each, and under
+    # load every request would wait for all the others' first statements before its second.
+    # In one transaction the request keeps its server connection from first to last.
+    if read_only and not database().settings.pgbouncer:
         g.db_session.connection().connection.driver_connection.autocommit = True
     return g.db_session
 
@@ -312,6 +364,16 @@ def read(query, *args):
         log.info("read retried on a new connection after: %s", first_line(error.orig))
         close_session()
         return query(read_session(), *args)
+
+
+def check_reachable() -> None:
+    """Return when this worker can reach the database; raise (a 503) when it cannot.
+    Asks with `SELECT 1` under the liveness bound unless the database answered this worker
+    within HEALTHY_WINDOW_SECONDS with no failure since (health.py says why)."""
+    if health.answered_within(HEALTHY_WINDOW_SECONDS):
+        return
+    with green.bounded("liveness", database().settings.connect_timeout):
+        read(models.ping)
 
 
 def _driver_autocommit_off(dbapi_connection, connection_record) -> None:

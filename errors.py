@@ -12,6 +12,7 @@ from psycopg2 import errors as pg_errors
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+import health
 import metrics
 from green import DatabaseTimeout
 
@@ -80,12 +81,14 @@ def _database_error(error: sa_exc.DBAPIError):
     statement) -> 504; connecting, the liveness check or a lost connection -> 503."""
     cause = first_line(error.orig)
     if isinstance(error.orig, DatabaseTimeout):
+        health.note_failure()
         if error.orig.phase == "statement":
             return _statement_timeout(f"{cause} (bound in the worker)")
         return _database_unavailable(f"{cause} (bound in the worker)")
     if isinstance(error.orig, pg_errors.QueryCanceled):
         return _statement_timeout(cause)
     if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
+        health.note_failure()
         return _database_unavailable(cause)
     return _unexpected(error)
 

@@ -78,19 +78,22 @@ def delete_todo(todo_id: int):
 
 @bp.get("/healthz")
 def healthz():
-    """200 when `SELECT 1` answers; otherwise the error handlers answer 503."""
-    db.read(models.ping)
+    """200 when this worker reaches the database (`db.check_reachable`); otherwise 503."""
+    db.check_reachable()
     return jsonify(status="ok")
 
 
 @bp.get("/stats")
 def stats():
-    """This worker's mode, pool and event-loop blocks, without taking a connection."""
+    """This host and worker's mode, pool and event-loop blocks, without taking a connection
+    (but one to ask a read replica, when there is one, its lag)."""
     return jsonify(
+        host=_settings().host_name,
         pid=os.getpid(),
         worker_class="gevent" if db.socket_is_green() else "sync",
         wait_callback=db.wait_callback_installed(),
         pool=db.database().pool_status(),
+        replica=db.database().replica_status(),
         loop_blocks=loopblock.stats,
     )
 

@@ -5,14 +5,11 @@ database's socket folder (the embedded server) or `postgres`. It is stopped by i
 """
 
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 import embedded_pg
 import servers
+from deploy import cluster
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 DATABASE = "greenflask_pgbouncer"
@@ -29,13 +27,6 @@ POOL_SIZE = 10
 pytestmark = pytest.mark.skipif(
     not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed: apt-get install pgbouncer"
 )
-
-
-def run_as_user(socket_dir: str | None) -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    owner = pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name if socket_dir else "postgres"
-    return ["-u", owner]
 
 
 @pytest.fixture(scope="module")
@@ -50,36 +41,25 @@ def pgbouncer(database_url):
     seeded = run_seed({"DATABASE_URL": db_url, "DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500"})
     assert seeded.returncode == 0, seeded.stderr
     assert "statement_timeout 500 ms set on database greenflask_pgbouncer" in seeded.stdout
-    socket_dir = server_url.query.get("host")
     # Not pytest's tmp_path: its parents are private to root, and PgBouncer runs as another user.
     folder = Path(tempfile.mkdtemp(prefix="greenflask-pgbouncer-"))
-    folder.chmod(0o777)
+    folder.chmod(0o755)
     port = servers.free_port()
-    user = server_url.username or "postgres"
-    (folder / "users.txt").write_text(f'"{user}" ""\n')
-    (folder / "pgbouncer.ini").write_text(
-        f"""[databases]
-{DATABASE} = host={socket_dir or server_url.host or "127.0.0.1"} port={server_url.port or 5432} dbname={DATABASE}
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {folder / "users.txt"}
-pool_mode = transaction
-default_pool_size = {POOL_SIZE}
-max_client_conn = 500
-logfile = {folder / "pgbouncer.log"}
-pidfile = {folder / "pgbouncer.pid"}
-"""
-    )
+    server = server_url.set(database=DATABASE)
+    (folder / "pgbouncer-users.txt").write_text(f'"{server.username or "postgres"}" ""\n')
+    # deploy/pgbouncer.ini, the cluster's own template, with a pool of 10 on 127.0.0.1.
+    (folder / "pgbouncer.ini").write_text(cluster.pgbouncer_config(server, "127.0.0.1", port, POOL_SIZE, 500, folder))
     for path in folder.iterdir():
-        path.chmod(0o666)
-    process = subprocess.Popen([PGBOUNCER, *run_as_user(socket_dir), str(folder / "pgbouncer.ini")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        path.chmod(0o644)
+    command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        command[1:1] = ["-u", cluster.run_as_user(server)]
+    with open(folder / "pgbouncer.log", "wb") as log_file:  # PgBouncer logs to stderr
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     url = server_url.set(host="127.0.0.1", port=port, database=DATABASE, query={})
     try:
-        _wait_for_port(port, process)
+        cluster.wait_for(lambda: cluster.port_open("127.0.0.1", port) or process.poll() is not None, "PgBouncer")
+        assert process.poll() is None, (folder / "pgbouncer.log").read_text()
         yield url.render_as_string(hide_password=False), folder / "pgbouncer.log"
     finally:
         process.send_signal(signal.SIGTERM)
@@ -94,18 +74,6 @@ pidfile = {folder / "pgbouncer.pid"}
 def run_seed(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "seed.py", "--reset"], cwd=servers.PROJECT_DIR,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
-
-
-def _wait_for_port(port: int, process, within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pgbouncer exited with status {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("pgbouncer did not listen")
 
 
 def test_without_the_setting_pgbouncer_refuses_the_startup_options(start_server, pgbouncer):
