@@ -1,0 +1,545 @@
+"""Several app hosts behind HAProxy, PgBouncer in front of PostgreSQL, all on this machine.
+
+    python deploy/cluster.py up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica]
+    python deploy/cluster.py status [--json]
+    python deploy/cluster.py link host2 down|up     # cut a host from the database, or mend it
+    python deploy/cluster.py restart postgres|pgbouncer
+    python deploy/cluster.py down
+
+As root, every app host is a network namespace of its own with two links: one to the
+front network, where HAProxy reaches it, and one to the back network, where it reaches
+PgBouncer. Two links, so that a host can lose its database and still answer HAProxy's
+health checks (with 503), which is how HAProxy learns to route around it:
+
+    client -> HAProxy 127.0.0.1:8080 -> front 10.77.1.0/24 -> hostK 10.77.1.1K:8000
+    hostK 10.77.2.1K -> back 10.77.2.0/24 -> PgBouncer 10.77.2.1:6432 -> PostgreSQL
+
+Not root: no namespaces can be made; hosts listen on 127.0.0.1K and share one network.
+The namespaces, links and bridges are made in deploy/network.py.
+
+PostgreSQL is DATABASE_URL's server when set, otherwise the embedded one (EMBEDDED_PGDATA).
+Every host runs `gunicorn app:app -k gevent -w W` with this environment's DB_* settings.
+`--direct` leaves PgBouncer out (hosts connect straight to PostgreSQL), to compare.
+`--replica` adds a streaming replica of the embedded server (pg_basebackup), which the
+hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
+What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
+its PID and removes the namespaces and links, also after an `up` that failed half-way.
+CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from string import Template
+
+import click
+from sqlalchemy.engine import URL, make_url
+
+DEPLOY_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DEPLOY_DIR.parent))
+
+import embedded_pg  # noqa: E402
+import servers  # noqa: E402
+import sizing  # noqa: E402
+from config import Settings  # noqa: E402
+from deploy.network import Network, ip, make_bridges, make_host_namespace, remove_network  # noqa: E402
+
+CLUSTER_DIR = Path(os.environ.get("CLUSTER_DIR") or "/tmp/greenflask-cluster")
+CLUSTER_NET = os.environ.get("CLUSTER_NET") or "10.77"
+APP_PORT = 8000
+PGBOUNCER_PORT = 6432
+INSTALL_HINT = "apt-get install pgbouncer haproxy  (Debian's packages)"
+
+
+def program(name: str) -> str:
+    """The path of `name` (Debian puts both in /usr/sbin, which a user's PATH may lack)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise click.ClickException(f"{name} is not installed: {INSTALL_HINT}")
+    return found
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def spawn(command: list[str], log_name: str, env: dict | None = None) -> int:
+    """Start `command` in a session of its own, its output in CLUSTER_DIR; return its PID.
+    It outlives this script: `down` stops it by that PID."""
+    with open(CLUSTER_DIR / log_name, "ab") as log_file:
+        process = subprocess.Popen(command, cwd=DEPLOY_DIR.parent, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    return process.pid
+
+
+def is_alive(pid: int | None) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    if not pid:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child that exited
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def stop_pid(pid: int | None, grace: float = 35.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if not is_alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while is_alive(pid):
+            time.sleep(0.05)
+
+
+def wait_for(check, what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"{what}: not ready after {within:.0f} s (logs in {CLUSTER_DIR})")
+
+
+def port_open(address: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((address, port)) == 0
+
+
+# --- state ---------------------------------------------------------------------------
+
+
+def state_path() -> Path:
+    return CLUSTER_DIR / "state.json"
+
+
+def load_state() -> dict | None:
+    return json.loads(state_path().read_text()) if state_path().exists() else None
+
+
+def save_state(state: dict) -> None:
+    state_path().write_text(json.dumps(state, indent=2))
+
+
+# --- PostgreSQL ----------------------------------------------------------------------
+
+
+def start_postgres(state: dict) -> URL:
+    """DATABASE_URL's server, or the embedded one (started if needed); the database's URL."""
+    if os.environ.get("DATABASE_URL"):
+        url = make_url(os.environ["DATABASE_URL"])
+        state["postgres"] = {"pid": None, "embedded": False, "started": False}
+    else:
+        was_running = embedded_pg.is_running()
+        url = make_url(embedded_pg.ensure_database(embedded_pg.start(), embedded_pg.DATABASE))
+        state["postgres"] = {"pid": embedded_pg.server_pid(), "embedded": True, "started": not was_running,
+                             "pgdata": str(embedded_pg.PGDATA)}
+    state["postgres"]["url"] = url.render_as_string(hide_password=True)
+    return url
+
+
+def seed(database_url: URL, pgbouncer: bool) -> None:
+    """`python seed.py` straight to PostgreSQL; with PgBouncer it also makes
+    DB_STATEMENT_TIMEOUT the database's own setting (the hosts cannot send it)."""
+    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False),
+           "DB_PGBOUNCER": "1" if pgbouncer else "0"}
+    done = subprocess.run([sys.executable, "seed.py"], cwd=DEPLOY_DIR.parent, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise click.ClickException(f"seed.py failed: {done.stderr.strip()}")
+
+
+def start_replica(state: dict, primary: URL) -> URL:
+    """A streaming replica of the embedded primary, in CLUSTER_DIR/replica; its URL."""
+    folder = CLUSTER_DIR / "replica"
+    url = make_url(embedded_pg.start_replica(primary.render_as_string(hide_password=False), folder))
+    state["replica"] = {"pid": embedded_pg.server_pid(folder), "pgdata": str(folder)}
+    save_state(state)
+    return url
+
+
+# --- PgBouncer -----------------------------------------------------------------------
+
+
+def run_as_user(server: URL) -> str:
+    """PgBouncer refuses to run as root. On a unix socket (the embedded server) it runs as
+    the socket's owner, so that it may connect; otherwise as `postgres` or `nobody`."""
+    socket_dir = server.query.get("host")
+    if socket_dir:
+        return pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        return "nobody"
+
+
+def pgbouncer_database(name: str, server: URL) -> str:
+    """One line of [databases]: `name` is the database PgBouncer's clients ask for."""
+    host = server.query.get("host") or server.host or "127.0.0.1"
+    return f"{name} = host={host} port={server.port or 5432} dbname={server.database}"
+
+
+def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
+                     folder: Path, replica: URL | None = None) -> str:
+    """deploy/pgbouncer.ini with this cluster's values."""
+    databases = [pgbouncer_database(server.database, server)]
+    if replica is not None:
+        databases.append(pgbouncer_database(replica_database(server), replica))
+    return Template((DEPLOY_DIR / "pgbouncer.ini").read_text()).substitute(
+        databases="\n".join(databases),
+        listen_addr=listen_addr,
+        listen_port=listen_port,
+        auth_file=folder / "pgbouncer-users.txt",
+        user=server.username or "postgres",
+        pool_size=pool_size,
+        max_client_conn=max_client_conn,
+    )
+
+
+def replica_database(server: URL) -> str:
+    return f"{server.database}_replica"
+
+
+def start_pgbouncer(state: dict, server: URL, network: Network, pool_size: int, clients: int,
+                    replica: URL | None) -> URL:
+    """PgBouncer in transaction mode for the database (and its replica); the URL the hosts
+    connect to."""
+    executable = program("pgbouncer")
+    address = network.pgbouncer_address()
+    port = PGBOUNCER_PORT if network.namespaces else servers.free_port()
+    user = server.username or "postgres"
+    users_file = CLUSTER_DIR / "pgbouncer-users.txt"
+    # PgBouncer logs in to PostgreSQL with this password (none with trust auth).
+    users_file.write_text(f'"{user}" "{server.password or ""}"\n')
+    ini = CLUSTER_DIR / "pgbouncer.ini"
+    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, CLUSTER_DIR, replica))
+    command = [executable, str(ini)]
+    if os.geteuid() == 0:
+        run_as = run_as_user(server)
+        shutil.chown(users_file, run_as)
+        command[1:1] = ["-u", run_as]
+    users_file.chmod(0o600)
+    ini.chmod(0o644)
+    state["pgbouncer"] = {"pid": None, "address": f"{address}:{port}", "pool_size": pool_size, "command": command,
+                          "admin_user": user}
+    run_pgbouncer(state)
+    return server.set(host=address, port=port, query={})
+
+
+def run_pgbouncer(state: dict) -> None:
+    """Start PgBouncer with its recorded command; return once it listens."""
+    pgbouncer = state["pgbouncer"]
+    pgbouncer["pid"] = pid = spawn(pgbouncer["command"], "pgbouncer.log")
+    save_state(state)
+    address, port = pgbouncer["address"].rsplit(":", 1)
+    wait_for(lambda: port_open(address, int(port)) or not is_alive(pid), "PgBouncer")
+    if not is_alive(pid):
+        raise click.ClickException(f"PgBouncer exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
+
+
+def pgbouncer_admin(state: dict, command: str) -> None:
+    """One command on PgBouncer's admin console (the `pgbouncer` database)."""
+    import psycopg2
+
+    address, port = state["pgbouncer"]["address"].rsplit(":", 1)
+    connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=state["pgbouncer"]["admin_user"],
+                                  connect_timeout=5)
+    try:
+        connection.autocommit = True  # the console takes no BEGIN
+        with connection.cursor() as cursor:
+            cursor.execute(command)
+    finally:
+        connection.close()
+
+
+# --- app hosts -----------------------------------------------------------------------
+
+
+def start_host(state: dict, network: Network, number: int, workers: int, database_url: URL, pgbouncer: bool,
+               read_url: URL | None) -> None:
+    name = f"host{number}"
+    address = network.host_address(number, "front")
+    # A metrics folder of the cluster's own per host, so that `down` removes it even when the
+    # host's gunicorn was killed (its exit hook, which would remove its own, never ran).
+    metrics_dir = metrics_folder(network, number)
+    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False),
+           "DB_PGBOUNCER": "1" if pgbouncer else "0", "HOST_NAME": name, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    if read_url is not None:
+        env["DATABASE_READ_URL"] = read_url.render_as_string(hide_password=False)
+    command = [sys.executable, "-m", "gunicorn", "app:app", "-k", "gevent", "-w", str(workers),
+               "-b", f"{address}:{APP_PORT}"]
+    if network.namespaces:
+        command = ["ip", "netns", "exec", network.namespace(number), *command]  # exec: same PID
+    pid = spawn(command, f"{name}.log", env)
+    state["hosts"].append({"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": pid,
+                           "namespace": network.namespace(number) if network.namespaces else None,
+                           "metrics_dir": str(metrics_dir)})
+    save_state(state)
+
+
+def metrics_folder(network: Network, number: int) -> Path:
+    """In memory where there is /dev/shm (every request writes to these files)."""
+    parent = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else CLUSTER_DIR
+    return parent / f"greenflask-cluster-{network.prefix}-host{number}-metrics"
+
+
+def host_url(host: dict, path: str = "") -> str:
+    return f"http://{host['address']}:{host['port']}{path}"
+
+
+def host_is_healthy(host: dict) -> bool:
+    return is_alive(host["gunicorn_pid"]) and servers.status_of(host_url(host, "/healthz")) == 200
+
+
+# --- HAProxy -------------------------------------------------------------------------
+
+
+def haproxy_config(bind: str, admin_socket: Path, hosts: list[dict]) -> str:
+    """deploy/haproxy.cfg with this cluster's values and a `server` line per host."""
+    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(bind=bind, admin_socket=admin_socket)
+    return text + "".join(f"    server {host['name']} {host['address']}:{host['port']}\n" for host in hosts)
+
+
+def start_haproxy(state: dict, port: int) -> None:
+    executable = program("haproxy")
+    admin_socket = CLUSTER_DIR / "haproxy.sock"
+    config = CLUSTER_DIR / "haproxy.cfg"
+    config.write_text(haproxy_config(f"127.0.0.1:{port}", admin_socket, state["hosts"]))
+    checked = subprocess.run([executable, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+    if checked.returncode != 0:
+        raise click.ClickException(f"haproxy.cfg: {checked.stderr.strip()}")
+    pid = spawn([executable, "-db", "-f", str(config)], "haproxy.log")
+    state["haproxy"] = {"pid": pid, "url": f"http://127.0.0.1:{port}", "admin_socket": str(admin_socket)}
+    save_state(state)
+
+
+def haproxy_server_states(admin_socket: str) -> dict[str, str]:
+    """{host name: "UP" | "DOWN" | ...} from HAProxy's admin socket (`show stat`)."""
+    try:
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.settimeout(2)
+            connection.connect(admin_socket)
+            connection.sendall(b"show stat\n")
+            raw = b"".join(iter(lambda: connection.recv(65536), b""))
+    except OSError:
+        return {}
+    rows = csv.DictReader(io.StringIO(raw.decode().lstrip("# ")))
+    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "app_hosts"
+            and row["svname"] not in ("BACKEND", "FRONTEND")}
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+@click.group()
+def cli() -> None:
+    """A multi-host deployment of the app on this machine (see the module's docstring)."""
+
+
+@cli.command()
+@click.option("--hosts", default=3, show_default=True, type=click.IntRange(1, 9), help="App hosts.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="gunicorn workers per host.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="HAProxy's port.")
+@click.option("--pgbouncer-pool", default=20, show_default=True, type=click.IntRange(1),
+              help="PgBouncer's server connections (default_pool_size).")
+@click.option("--direct", is_flag=True, help="No PgBouncer: hosts connect straight to PostgreSQL.")
+@click.option("--replica", is_flag=True,
+              help="A streaming replica of the embedded PostgreSQL for the hosts' reads (DATABASE_READ_URL).")
+def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, replica: bool) -> None:
+    """Start PostgreSQL, PgBouncer, the app hosts and HAProxy; print the balancer's URL last."""
+    if load_state():
+        raise click.ClickException(f"a cluster is already up ({state_path()}): python deploy/cluster.py down")
+    if not direct:
+        program("pgbouncer")
+    program("haproxy")
+    if replica and (direct or os.environ.get("DATABASE_URL")):
+        raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
+                                   "no --direct")
+    CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
+    CLUSTER_DIR.chmod(0o755)  # PgBouncer, as another user, reads its files here
+    for old_log in CLUSTER_DIR.glob("*.log"):  # each cluster's logs start empty
+        old_log.unlink()
+    network = Network(CLUSTER_NET, namespaces=os.geteuid() == 0)
+    state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
+             "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None}
+    save_state(state)
+    try:
+        _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica)
+    except BaseException:
+        click.echo(f"up failed; stopping what started (logs in {CLUSTER_DIR})", err=True)
+        _tear_down(state)
+        raise
+    click.echo(f"{hosts} hosts x {workers} workers, {'straight to PostgreSQL' if direct else 'through PgBouncer'}; "
+               "python deploy/cluster.py status | down")
+    click.echo(state["haproxy"]["url"])
+
+
+def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int, pgbouncer_pool: int,
+              direct: bool, replica: bool) -> None:
+    if network.namespaces:
+        click.echo(f"network: hosts in namespaces {network.namespace(1)}..{hosts}, front {network.net}.1.0/24, "
+                   f"back {network.net}.2.0/24")
+        make_bridges(network)
+        for number in range(1, hosts + 1):
+            make_host_namespace(network, number)
+    else:
+        click.echo("network: not root, so no namespaces: hosts are 127.0.0.11.. on one shared network")
+    database_url = start_postgres(state)
+    click.echo(f"PostgreSQL: {state['postgres']['url']}")
+    seed(database_url, pgbouncer=not direct)
+    replica_url = start_replica(state, database_url) if replica else None
+    if replica:
+        click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
+    settings = Settings.from_env()
+    # With a replica every worker has two pools, one to each database.
+    clients = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow) * (2 if replica else 1)
+    read_url = None
+    if not direct:
+        database_url = start_pgbouncer(state, database_url, network, pgbouncer_pool, clients, replica_url)
+        click.echo(f"PgBouncer: {state['pgbouncer']['address']} (transaction mode, {pgbouncer_pool} server "
+                   f"connections for {clients} app connections)")
+        if replica:
+            read_url = database_url.set(database=replica_database(database_url))
+    for number in range(1, hosts + 1):
+        start_host(state, network, number, workers, database_url, not direct, read_url)
+    for host in state["hosts"]:
+        wait_for(lambda host=host: host_is_healthy(host), f"{host['name']} ({host_url(host)})", within=60)
+        click.echo(f"{host['name']}: {host_url(host)} gunicorn pid {host['gunicorn_pid']}")
+    start_haproxy(state, port)
+    admin_socket = state["haproxy"]["admin_socket"]
+    wait_for(lambda: set(haproxy_server_states(admin_socket).values()) == {"UP"}, "HAProxy")
+    click.echo(f"HAProxy: pid {state['haproxy']['pid']}, every host UP")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (hosts, pgbouncer, haproxy, postgres).")
+def status(as_json: bool) -> None:
+    """What runs, by PID, and which hosts are healthy."""
+    state = load_state()
+    if state is None:
+        raise click.ClickException("no cluster is up")
+    states = haproxy_server_states(state["haproxy"]["admin_socket"]) if state.get("haproxy") else {}
+    report = {
+        "hosts": [{"name": host["name"], "address": host["address"], "gunicorn_pid": host["gunicorn_pid"],
+                   "healthy": host_is_healthy(host), "haproxy": states.get(host["name"])} for host in state["hosts"]],
+        "pgbouncer": _with_alive(state.get("pgbouncer")),
+        "haproxy": _with_alive(state.get("haproxy")),
+        "postgres": _with_alive(state.get("postgres")),
+        "replica": _with_alive(state.get("replica")),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for host in report["hosts"]:
+        click.echo(f"{host['name']:8} {host['address']:12} pid {host['gunicorn_pid']:<8} "
+                   f"{'healthy' if host['healthy'] else 'NOT healthy'}, HAProxy: {host['haproxy']}")
+    for part in ("pgbouncer", "haproxy", "postgres", "replica"):
+        if report[part]:
+            click.echo(f"{part:8} pid {report[part]['pid']} {'running' if report[part]['running'] else 'NOT running'}")
+
+
+def _with_alive(part: dict | None) -> dict | None:
+    if part is None:
+        return None
+    external = part.get("pid") is None
+    return {**part, "running": True if external else is_alive(part["pid"])}
+
+
+@cli.command()
+@click.argument("host")
+@click.argument("state", type=click.Choice(["down", "up"]))
+def link(host: str, state: str) -> None:
+    """Take HOST's link to the database network down (or up again): its requests answer
+    503 within the app's bounds, and HAProxy's health check takes it out of rotation."""
+    cluster = load_state()
+    if cluster is None:
+        raise click.ClickException("no cluster is up")
+    if not cluster["namespaces"]:
+        raise click.ClickException("hosts share one network when not root: no link to cut")
+    names = [entry["name"] for entry in cluster["hosts"]]
+    if host not in names:
+        raise click.ClickException(f"no host {host!r}: {', '.join(names)}")
+    network = Network(cluster["net"], namespaces=True)
+    ip("link", "set", network.veth(names.index(host) + 1, "back"), state)
+    click.echo(f"{host}: link to the database {state}")
+
+
+@cli.command()
+@click.argument("part", type=click.Choice(["postgres", "pgbouncer"]))
+def restart(part: str) -> None:
+    """Restart the embedded PostgreSQL behind PgBouncer's PAUSE and RESUME (clients wait
+    in PgBouncer instead of failing), or PgBouncer itself (clients lose their connections)."""
+    state = load_state()
+    if state is None or not state.get("pgbouncer"):
+        raise click.ClickException("no cluster with PgBouncer is up")
+    started = time.monotonic()
+    if part == "pgbouncer":
+        stop_pid(state["pgbouncer"]["pid"], grace=5)
+        run_pgbouncer(state)
+    else:
+        if not state["postgres"]["embedded"]:
+            raise click.ClickException("PostgreSQL is DATABASE_URL's server: restart it with its own tools")
+        pgdata = Path(state["postgres"]["pgdata"])
+        database = make_url(state["postgres"]["url"]).database
+        pgbouncer_admin(state, f"PAUSE {database}")  # returns once no transaction runs
+        try:
+            embedded_pg.stop(pgdata)
+            embedded_pg.start(pgdata)
+            state["postgres"]["pid"] = embedded_pg.server_pid(pgdata)
+            save_state(state)
+        finally:
+            pgbouncer_admin(state, f"RESUME {database}")
+    click.echo(f"{part} restarted in {time.monotonic() - started:.2f} s")
+
+
+@cli.command()
+def down() -> None:
+    """Stop everything `up` started, by PID, and remove its namespaces and links."""
+    state = load_state()
+    if state is None:
+        click.echo("no cluster is up")
+        return
+    _tear_down(state)
+    click.echo("cluster down")
+
+
+def _tear_down(state: dict) -> None:
+    if state.get("haproxy"):
+        stop_pid(state["haproxy"]["pid"], grace=5)
+    for host in state["hosts"]:  # all at once: each drains its requests for up to 30 s
+        if is_alive(host["gunicorn_pid"]):
+            os.kill(host["gunicorn_pid"], signal.SIGTERM)
+    for host in state["hosts"]:
+        stop_pid(host["gunicorn_pid"])
+        shutil.rmtree(host["metrics_dir"], ignore_errors=True)
+    if state.get("pgbouncer"):
+        stop_pid(state["pgbouncer"]["pid"], grace=5)
+    if state.get("replica"):
+        embedded_pg.stop(Path(state["replica"]["pgdata"]))
+        shutil.rmtree(state["replica"]["pgdata"], ignore_errors=True)
+    postgres = state.get("postgres") or {}
+    if postgres.get("started"):
+        embedded_pg.stop(Path(postgres["pgdata"]))
+    if state["namespaces"]:
+        remove_network(Network(state["net"], namespaces=True), state["planned_hosts"])
+    state_path().unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    cli()

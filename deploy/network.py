@@ -1,0 +1,80 @@
+"""The cluster's network: one namespace per app host, with a link to a front and a back bridge.
+
+    client -> HAProxy -> front bridge 10.77.1.1/24 -> hostK's `front` 10.77.1.1K
+    hostK's `back` 10.77.2.1K -> back bridge 10.77.2.1/24 -> PgBouncer
+
+Made with iproute2 (`ip netns`, veth pairs, bridges), as root; private addresses only, on
+links that exist inside this machine. Not root, there are no namespaces: hosts are
+127.0.0.1K on the loopback network.
+"""
+
+import subprocess
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass(frozen=True)
+class Network:
+    """Names and addresses of one cluster's hosts, from CLUSTER_NET ("10.77")."""
+
+    net: str
+    namespaces: bool
+
+    @property
+    def prefix(self) -> str:  # "gf77": short, because a link name has at most 15 characters
+        return "gf" + self.net.split(".")[1]
+
+    def bridge(self, side: str) -> str:
+        return f"{self.prefix}-{side}"
+
+    def bridge_address(self, side: str) -> str:
+        return f"{self.net}.{1 if side == 'front' else 2}.1"
+
+    def namespace(self, number: int) -> str:
+        return f"{self.prefix}-host{number}"
+
+    def veth(self, number: int, side: str) -> str:
+        return f"{self.prefix}-h{number}{side[0]}"
+
+    def host_address(self, number: int, side: str) -> str:
+        if not self.namespaces:
+            return f"127.0.0.{10 + number}"
+        return f"{self.net}.{1 if side == 'front' else 2}.{10 + number}"
+
+    def pgbouncer_address(self) -> str:
+        return self.bridge_address("back") if self.namespaces else "127.0.0.1"
+
+
+def ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:  # e.g. a bridge left by a cluster whose state file is gone
+        raise click.ClickException(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def make_bridges(network: Network) -> None:
+    for side in ("front", "back"):
+        ip("link", "add", network.bridge(side), "type", "bridge")
+        ip("addr", "add", f"{network.bridge_address(side)}/24", "dev", network.bridge(side))
+        ip("link", "set", network.bridge(side), "up")
+
+
+def make_host_namespace(network: Network, number: int) -> None:
+    """A namespace with a link to each bridge: `front` and `back` inside, hNf/hNb outside."""
+    namespace = network.namespace(number)
+    ip("netns", "add", namespace)
+    ip("-n", namespace, "link", "set", "lo", "up")
+    for side in ("front", "back"):
+        outside = network.veth(number, side)
+        ip("link", "add", outside, "type", "veth", "peer", "name", side, "netns", namespace)
+        ip("link", "set", outside, "master", network.bridge(side), "up")
+        ip("-n", namespace, "addr", "add", f"{network.host_address(number, side)}/24", "dev", side)
+        ip("-n", namespace, "link", "set", side, "up")
+
+
+def remove_network(network: Network, hosts: int) -> None:
+    """Delete the namespaces (their links go with them) and the bridges; missing is fine."""
+    for number in range(1, hosts + 1):
+        subprocess.run(["ip", "netns", "del", network.namespace(number)], capture_output=True)
+    for side in ("front", "back"):
+        subprocess.run(["ip", "link", "del", network.bridge(side)], capture_output=True)

@@ -1,0 +1,272 @@
+"""deploy/cluster.py for real: PgBouncer, app hosts in network namespaces, HAProxy, faults.
+
+Each test brings a cluster up and down with the CLI, as a user would. PostgreSQL is an
+embedded server of this module's own (it is restarted in one test), the network is
+CLUSTER_NET 10.78 (not the default, so a user's cluster may run beside), and the state
+folder is temporary. Load goes to HAProxy on 127.0.0.1 and, directly, to the hosts'
+addresses inside the namespaces the cluster made; `down` removes them.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg2
+import pytest
+from conftest import ROOT, in_background
+
+import embedded_pg
+import servers
+
+CLUSTER = [sys.executable, str(ROOT / "deploy" / "cluster.py")]
+NEEDED = [name for name in ("pgbouncer", "haproxy")
+          if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
+pytestmark = [
+    pytest.mark.skipif(bool(NEEDED), reason=f"not installed: apt-get install {' '.join(NEEDED)}"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+]
+# Short bounds, so that the faults show within a test's time.
+HOST_ENV = {"DB_CONNECT_TIMEOUT": "1", "DB_POOL_SIZE": "20", "DB_STATEMENT_TIMEOUT": "10000"}
+
+
+@pytest.fixture(scope="module")
+def cluster_env():
+    """The environment every cluster command of this module runs with."""
+    folder = Path(tempfile.mkdtemp(prefix="greenflask-cluster-test-"))
+    pgdata = folder / "pgdata"
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(HOST_ENV, CLUSTER_DIR=str(folder / "state"), CLUSTER_NET="10.78", EMBEDDED_PGDATA=str(pgdata))
+    yield env
+    embedded_pg.stop(pgdata)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_cluster(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLUSTER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cluster(cluster_env):
+    """`up --hosts 3` (its balancer URL), then `down`, whatever the test did."""
+    port = servers.free_port()
+    started = run_cluster(cluster_env, "up", "--hosts", "3", "--port", str(port))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        stopped = run_cluster(cluster_env, "down")
+        assert stopped.returncode == 0, stopped.stderr
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "gf78-" not in namespaces, "down removed the namespaces"
+
+
+def status(env: dict) -> dict:
+    answer = run_cluster(env, "status", "--json")
+    assert answer.returncode == 0, answer.stderr
+    return json.loads(answer.stdout)
+
+
+def haproxy_states(env: dict) -> dict:
+    return {host["name"]: host["haproxy"] for host in status(env)["hosts"]}
+
+
+def wait_for_state(env: dict, host: str, wanted: str, within: float) -> float:
+    """Seconds until HAProxy shows `host` as `wanted` (e.g. "DOWN"); fails after `within`."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if haproxy_states(env)[host] == wanted:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    pytest.fail(f"{host} not {wanted} in HAProxy after {within:.0f} s: {haproxy_states(env)}")
+
+
+def load(url: str, seconds: float, rate: int = 100) -> dict:
+    """`python loadtest.py --rate` on GET /todos through the balancer, its figures as JSON."""
+    report = Path(tempfile.mkstemp(suffix=".json")[1])
+    command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(seconds), "/todos", "--url", url,
+               "--quiet", "--json", str(report)]
+    subprocess.run(command, cwd=ROOT, capture_output=True, timeout=seconds + 60)
+    figures = json.loads(report.read_text())
+    report.unlink()
+    return figures
+
+
+def under_load(url: str, action, rate: int = 100, seconds: float = 8):
+    """`action()` 2 s into `seconds` of GET /todos at `rate` a second through `url`; returns
+    what the action returned and the load's figures."""
+    running = in_background(load, url, seconds, rate)
+    time.sleep(2)
+    result = action()
+    running.join()
+    return result, running.result
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def failed(figures: dict) -> int:
+    return figures["requests"] - figures["statuses"].get("200", 0)
+
+
+def test_up_serves_through_every_host(cluster, cluster_env, figure):
+    report = status(cluster_env)
+    hosts_seen = {get_json(cluster + "/stats")["host"] for _ in range(9)}
+    figures = load(cluster, seconds=3)
+
+    assert [host["name"] for host in report["hosts"]] == ["host1", "host2", "host3"]
+    assert all(host["healthy"] and host["haproxy"] == "UP" for host in report["hosts"])
+    assert all(host["address"].startswith("10.78.1.") for host in report["hosts"]), "own namespaces"
+    assert all(report[part]["running"] and report[part]["pid"] for part in ("pgbouncer", "haproxy", "postgres"))
+    assert hosts_seen == {"host1", "host2", "host3"}, "HAProxy balances over every host"
+    assert figures["statuses"] == {"200": 300}, figures["statuses"]
+    figure(f"cluster up: 3 hosts in namespaces behind HAProxy, PgBouncer in front of PostgreSQL; "
+           f"300 GET /todos at 100/s all 200, p99 {figures['latency_service']['p99'] * 1000:.1f} ms")
+
+
+def test_host_killed_under_load(cluster, cluster_env, figure):
+    victim = status(cluster_env)["hosts"][0]
+
+    def crash_host1() -> float:
+        os.killpg(victim["gunicorn_pid"], signal.SIGKILL)  # the master and its workers, as a crash
+        return wait_for_state(cluster_env, "host1", "DOWN", within=10)
+
+    out_after, figures = under_load(cluster, crash_host1, rate=200)
+
+    assert failed(figures) == 0, f"HAProxy retried the GETs on another host: {figures['statuses']}"
+    assert haproxy_states(cluster_env)["host2"] == "UP" and haproxy_states(cluster_env)["host3"] == "UP"
+    figure(f"host1's gunicorn killed (SIGKILL) under 200 GET/s: {figures['requests']} requests, "
+           f"{failed(figures)} failed; HAProxy took it out in {out_after:.1f} s; "
+           f"max {figures['latency_service']['max'] * 1000:.0f} ms")
+
+
+def test_host_cut_from_the_database(cluster, cluster_env, figure):
+    host2 = next(host for host in status(cluster_env)["hosts"] if host["name"] == "host2")
+    running = in_background(load, cluster, 14, 100)
+    time.sleep(2)
+    assert run_cluster(cluster_env, "link", "host2", "down").returncode == 0
+    cut = time.monotonic()
+    out_after = wait_for_state(cluster_env, "host2", "DOWN", within=15)
+    started = time.monotonic()
+    healthz = servers.status_of(f"http://{host2['address']}:8000/healthz", timeout=10)
+    healthz_seconds = time.monotonic() - started
+    others = haproxy_states(cluster_env)
+    assert run_cluster(cluster_env, "link", "host2", "up").returncode == 0
+    back_after = wait_for_state(cluster_env, "host2", "UP", within=15)
+    running.join()
+    figures = running.result
+
+    assert healthz == 503 and healthz_seconds < 1 + 1, "the host's own /healthz: 503 within DB_CONNECT_TIMEOUT"
+    assert others["host1"] == "UP" and others["host3"] == "UP"
+    # Requests already on host2 when its link went down wait for TCP (tcp_user_timeout
+    # 15 s) or for the link; leastconn sends few new ones to a host that holds them.
+    assert failed(figures) <= 5, figures["statuses"]
+    figure(f"host2's link to the database down: HAProxy took it out after {out_after:.1f} s; its /healthz "
+           f"503 in {healthz_seconds:.2f} s; host1 and host3 UP; back in rotation {back_after:.1f} s after "
+           f"the link came up; {figures['requests']} requests at 100/s, {failed(figures)} failed, "
+           f"max {figures['latency_service']['max']:.2f} s; link down for {time.monotonic() - cut:.0f} s")
+
+
+def test_postgres_restarted_behind_pause_resume(cluster, cluster_env, figure):
+    restarted, figures = under_load(cluster, lambda: run_cluster(cluster_env, "restart", "postgres"))
+
+    assert restarted.returncode == 0, restarted.stderr
+    assert failed(figures) == 0, figures["statuses"]
+    figure(f"PostgreSQL restarted behind PgBouncer PAUSE/RESUME under 100 GET/s: {restarted.stdout.strip()}; "
+           f"{figures['requests']} requests, 0 failed, max {figures['latency_service']['max']:.2f} s")
+
+
+def test_pgbouncer_restarted(cluster, cluster_env, figure):
+    restarted, figures = under_load(cluster, lambda: run_cluster(cluster_env, "restart", "pgbouncer"))
+    after = load(cluster, seconds=2)
+
+    assert restarted.returncode == 0, restarted.stderr
+    # Reads on a connection PgBouncer closed are retried once on a new one; those that
+    # find PgBouncer not yet back answer 503 with Retry-After.
+    assert set(figures["statuses"]) <= {"200", "503"}, figures["statuses"]
+    assert after["statuses"] == {"200": 200}, "the next requests work"
+    figure(f"PgBouncer restarted under 100 GET/s: {restarted.stdout.strip()}; {figures['requests']} requests, "
+           f"{failed(figures)} failed ({figures['statuses']}); then 200/200")
+
+
+@pytest.mark.skipif(not os.environ.get("DATABASE_URL"), reason="DATABASE_URL is not set")
+def test_up_with_database_url(cluster_env, figure):
+    """PgBouncer in front of DATABASE_URL's server instead of the embedded one."""
+    url = embedded_pg.ensure_database(os.environ["DATABASE_URL"], "greenflask_cluster")
+    env = {**cluster_env, "DATABASE_URL": url}
+    started = run_cluster(env, "up", "--hosts", "1", "--port", str(servers.free_port()))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        balancer = started.stdout.strip().splitlines()[-1]
+        todos = get_json(balancer + "/todos")
+        report = status(env)
+    finally:
+        assert run_cluster(env, "down").returncode == 0
+    assert len(todos["todos"]) == 50
+    assert report["postgres"]["pid"] is None and not report["postgres"]["embedded"], "not started by the cluster"
+    figure(f"cluster up against DATABASE_URL's server: {report['postgres']['url']}, GET /todos 200 through "
+           "HAProxy and PgBouncer")
+
+
+def test_replica_serves_the_reads(cluster_env, figure):
+    """`up --replica`: reads through PgBouncer to a streaming replica, writes to the primary."""
+    started = run_cluster(cluster_env, "up", "--hosts", "2", "--replica", "--port", str(servers.free_port()))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        balancer = started.stdout.strip().splitlines()[-1]
+        report = status(cluster_env)
+        created = post_json(balancer + "/todos", {"title": "written to the primary"})
+        visible_after = seconds_until(lambda: servers.status_of(f"{balancer}/todos/{created['id']}") == 200, 5)
+        before = transactions_by_database(report["pgbouncer"]["address"])
+        for _ in range(50):
+            get_json(balancer + "/todos")
+        after = transactions_by_database(report["pgbouncer"]["address"])
+        stats = get_json(balancer + "/stats")["replica"]
+    finally:
+        assert run_cluster(cluster_env, "down").returncode == 0
+    on_replica = after["greenflask_replica"] - before["greenflask_replica"]
+    on_primary = after["greenflask"] - before["greenflask"]
+    assert on_replica >= 50 and on_primary < 10, (on_replica, on_primary)  # the primary: health checks at most
+    assert stats["in_recovery"] and stats["lag_seconds"] is not None and stats["lag_seconds"] < 5, stats
+    assert not Path(report["replica"]["pgdata"]).exists(), "down removed the replica"
+    figure(f"streaming replica: a todo written through HAProxy readable from the replica after "
+           f"{visible_after * 1000:.0f} ms; 50 GET /todos: {on_replica} transactions on the replica, "
+           f"{on_primary} on the primary (PgBouncer's SHOW STATS); "
+           f"/stats lag {stats['lag_seconds']:.3f} s")
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def seconds_until(check, within: float) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def transactions_by_database(pgbouncer_address: str) -> dict[str, int]:
+    """PgBouncer's count of transactions so far, per database (its admin console's SHOW STATS)."""
+    host, port = pgbouncer_address.rsplit(":", 1)
+    connection = psycopg2.connect(host=host, port=port, dbname="pgbouncer", user="postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW STATS")
+            column = [description.name for description in cursor.description].index("total_xact_count")
+            return {row[0]: row[column] for row in cursor.fetchall()}
+    finally:
+        connection.close()
