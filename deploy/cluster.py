@@ -52,7 +52,14 @@ import embedded_pg  # noqa: E402
 import servers  # noqa: E402
 import sizing  # noqa: E402
 from config import Settings  # noqa: E402
-from deploy.network import Network, ip, make_bridges, make_host_namespace, remove_network  # noqa: E402
+from deploy.network import (  # noqa: E402
+    Network,
+    ip,
+    make_bridges,
+    make_host_namespace,
+    remove_network,
+    remove_stale_network,
+)
 
 CLUSTER_DIR = Path(os.environ.get("CLUSTER_DIR") or "/tmp/greenflask-cluster")
 CLUSTER_NET = os.environ.get("CLUSTER_NET") or "10.77"
@@ -376,6 +383,8 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, r
     for old_log in CLUSTER_DIR.glob("*.log"):  # each cluster's logs start empty
         old_log.unlink()
     network = Network(CLUSTER_NET, namespaces=os.geteuid() == 0)
+    if network.namespaces and (removed := remove_stale_network(network)):
+        click.echo(f"network: removed what a cluster killed before `down` left: {', '.join(removed)}")
     state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
              "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None}
     save_state(state)

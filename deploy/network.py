@@ -46,10 +46,32 @@ class Network:
         return self.bridge_address("back") if self.namespaces else "127.0.0.1"
 
 
-def ip(*args: str) -> None:
+def ip(*args: str) -> str:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if done.returncode != 0:  # e.g. a bridge left by a cluster whose state file is gone
+    if done.returncode != 0:
         raise click.ClickException(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def remove_stale_network(network: Network) -> list[str]:
+    """Delete what a cluster of this CLUSTER_NET left when it was killed before `down`
+    (its state file gone with it): namespaces with no process in them, then the bridges.
+    A namespace that still runs a process belongs to a live cluster: refuse to touch it.
+    Returns the names removed."""
+    stale = [line.split()[0] for line in ip("netns", "list").splitlines()
+             if line.startswith(f"{network.prefix}-host")]
+    for namespace in stale:
+        if ip("netns", "pids", namespace).split():
+            raise click.ClickException(f"CLUSTER_NET {network.net} is in use: namespace {namespace} runs processes "
+                                       "(stop that cluster with `down` and its CLUSTER_DIR, or choose another "
+                                       "CLUSTER_NET)")
+    for namespace in stale:
+        ip("netns", "del", namespace)
+    bridges = [network.bridge(side) for side in ("front", "back")
+               if subprocess.run(["ip", "link", "show", network.bridge(side)], capture_output=True).returncode == 0]
+    for bridge in bridges:
+        ip("link", "del", bridge)
+    return stale + bridges
 
 
 def make_bridges(network: Network) -> None:

@@ -197,6 +197,32 @@ def test_pgbouncer_restarted(cluster, cluster_env, figure):
            f"{failed(figures)} failed ({figures['statuses']}); then 200/200")
 
 
+def test_up_clears_what_a_killed_cluster_left_and_spares_a_live_one(cluster_env, figure):
+    """A cluster killed before `down` (its state folder gone) leaves its bridges and
+    namespaces in the kernel; the next `up` of the same CLUSTER_NET removes them, unless a
+    process still runs in one: then that network belongs to a live cluster."""
+    subprocess.run(["ip", "link", "add", "gf78-front", "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", "gf78-host2"], check=True)
+    live = subprocess.Popen(["ip", "netns", "exec", "gf78-host2", "sleep", "60"])
+    try:
+        time.sleep(0.3)
+        refused = run_cluster(cluster_env, "up", "--hosts", "1", "--direct", "--port", str(servers.free_port()))
+        still_there = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        live.kill()
+        live.wait()
+    started = run_cluster(cluster_env, "up", "--hosts", "1", "--direct", "--port", str(servers.free_port()))
+    stopped = run_cluster(cluster_env, "down")
+
+    assert refused.returncode == 1 and "CLUSTER_NET 10.78 is in use" in refused.stderr, refused.stderr
+    assert "gf78-host2" in still_there, "a namespace with a process in it is left alone"
+    assert started.returncode == 0, started.stderr + started.stdout
+    assert "removed what a cluster killed before `down` left: gf78-host2, gf78-front" in started.stdout
+    assert stopped.returncode == 0, stopped.stderr
+    figure("leftovers of a killed cluster: `up` refused while a process ran in gf78-host2, then removed "
+           "gf78-host2 and gf78-front and came up")
+
+
 @pytest.mark.skipif(not os.environ.get("DATABASE_URL"), reason="DATABASE_URL is not set")
 def test_up_with_database_url(cluster_env, figure):
     """PgBouncer in front of DATABASE_URL's server instead of the embedded one."""
