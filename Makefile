@@ -1,9 +1,10 @@
-# The README's two commands: `make demo` (the main job end to end) and `make test`.
+# The README's commands: `make demo` (the main job end to end), `make test`, and
+# `make cluster` (the same load through HAProxy, several app hosts and PgBouncer).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test cluster lint bench cluster-bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: $(VENV)/.installed
 	scripts/demo.sh $(ARGS)
 
+cluster: $(VENV)/.installed
+	scripts/cluster.sh $(ARGS)
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest
@@ -22,6 +26,11 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) bench/bench.py
+
+cluster-bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) bench/cluster_bench.py
 
 clean:
 	-$(PY) embedded_pg.py stop

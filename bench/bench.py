@@ -4,7 +4,7 @@ Every figure is the median of BENCH_RUNS runs (default 3), and the runs of the t
 compared are made in this invocation, alternating, so a ratio never mixes two moments.
 
 1. concurrency efficiency (wall / ideal) for N = 5, 100, 1000 on both sleep routes, with
-   1 s and 2 s sleeps;
+   1 s and 2 s sleeps, and the raw WSGI floor's /sleep/python/ for N = 100 and 1000;
 2. the original design's pool (5 + 10 overflow, 30 s timeout) beside the defaults;
 3. throughput of GET /todos (50 rows) with wrk against the app (gevent with and without its
    metrics, and sync), the raw WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg
@@ -55,6 +55,7 @@ PROCESSES = "2"
 OPEN_LOOP_RATES = (500, 1000, 1500, 2000, 2500, 3000, 4000)
 OPEN_LOOP_SECONDS = 4
 LOG = Path(tempfile.gettempdir()) / "greenflask-bench.log"
+FLOOR_APP = "bench.floor_wsgi:application"
 ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT": "30"}
 
 
@@ -180,17 +181,25 @@ def median(values) -> float:
 # --- the four sections ---------------------------------------------------------------------
 
 
-def concurrency_efficiency() -> list[dict]:
+def concurrency_efficiency(url: str) -> list[dict]:
+    """The app's bursts, and the raw WSGI floor's /sleep/python/ beside them: what this
+    machine (and the load tester on the same cores) allows any server of this stack."""
     counts = (5, 100, 1000)
     runs: dict[tuple, list[loadtest.Report]] = {}
-    with server(["-k", "gevent"]) as (base_url, _):
+    floor_env = {"BENCH_DSN": libpq_dsn(url), "BENCH_POOL_SIZE": "100"}
+    with server(["-k", "gevent"]) as (base_url, _), \
+            server(["-k", "gevent"], floor_env, FLOOR_APP, "/todos") as (floor_url, _):
         burst_report(base_url, "postgres", 100, 0)  # open the pool's connections once
+        burst_report(floor_url, "python", 100, 0)
         for _ in range(RUNS):
             for seconds in SLEEPS:
                 for count in counts:
                     for route in loadtest.ROUTES:
                         report = burst_report(base_url, route, count, seconds)
                         runs.setdefault((seconds, count, route), []).append(report)
+                    if count > 5:
+                        report = burst_report(floor_url, "python", count, seconds)
+                        runs.setdefault((seconds, count, "python, raw WSGI floor"), []).append(report)
     rows = []
     for (seconds, count, route), reports in runs.items():
         middle = sorted(reports, key=lambda report: report.wall)[len(reports) // 2]
@@ -223,7 +232,7 @@ def throughput(url: str) -> list[dict]:
         "app, gevent, METRICS=0": (["-k", "gevent", "-w", PROCESSES], {"METRICS": "0"}, "app:app", "/healthz"),
         "app, sync workers": (["-w", PROCESSES], {}, "app:app", "/healthz"),
         "raw WSGI + psycopg2 + psycogreen (floor)": (
-            ["-k", "gevent", "-w", PROCESSES], dsn, "bench.floor_wsgi:application", "/todos"),
+            ["-k", "gevent", "-w", PROCESSES], dsn, FLOOR_APP, "/todos"),
         "aiohttp + asyncpg (peer)": (
             ["-k", "aiohttp.GunicornWebWorker", "-w", PROCESSES],
             {"BENCH_DSN": asyncpg_dsn(url)}, "bench.peer_aiohttp:create_app", "/todos"),
@@ -261,7 +270,7 @@ def client_capacity(url: str) -> dict:
     env = {"BENCH_DSN": libpq_dsn(url)}
     args = ["-k", "gevent", "-w", PROCESSES]
     runs: dict[str, list[float]] = {"wrk -t2 -c64": [], "wrk -t1 -c64": [], "loadtest.py -c 64": []}
-    with server(args, env, "bench.floor_wsgi:application", "/todos") as (base_url, _):
+    with server(args, env, FLOOR_APP, "/todos") as (base_url, _):
         for _ in range(RUNS):
             runs["wrk -t2 -c64"].append(wrk(base_url + "/todos")["rps"])
             runs["wrk -t1 -c64"].append(wrk(base_url + "/todos", threads=1)["rps"])
@@ -366,7 +375,7 @@ def main() -> None:
     print(f"benchmarking against {make_url(url).render_as_string(hide_password=True)}; server log: {LOG}", flush=True)
     facts = machine_facts(url)
     print("1/4 concurrency efficiency ...", flush=True)
-    efficiency = concurrency_efficiency()
+    efficiency = concurrency_efficiency(url)
     print("2/4 the original pool ...", flush=True)
     original = original_pool()
     print("3/4 throughput ...", flush=True)

@@ -8,6 +8,8 @@ answers GET /todos with the same JSON body as the app, so the difference is the 
 
 import json
 import os
+import time
+from urllib.parse import parse_qs
 
 import psycopg2
 from gevent.queue import LifoQueue
@@ -35,7 +37,11 @@ def _connection():
 
 
 def application(environ, start_response):
-    if environ["PATH_INFO"] != "/todos":
+    """GET /todos; /sleep/python/?seconds=S sleeps first (gevent's sleep: the worker is
+    patched), as the app's route does, so a burst of sleeps has a floor too."""
+    if environ["PATH_INFO"] == "/sleep/python/":
+        time.sleep(float(parse_qs(environ.get("QUERY_STRING", "")).get("seconds", ["5"])[0]))
+    elif environ["PATH_INFO"] != "/todos":
         start_response("404 Not Found", [("Content-Type", "application/json")])
         return [b'{"error":"not found"}\n']
     connection = _connection()
