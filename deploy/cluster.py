@@ -25,6 +25,8 @@ hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
 What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
 its PID and removes the namespaces and links, also after an `up` that failed half-way.
 CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
+`up` removes the namespaces and bridges of its CLUSTER_NET that a cluster killed before
+`down` left, unless a process still runs in one (then that network is a live cluster's).
 """
 
 import contextlib
