@@ -262,17 +262,21 @@ def run_pgbouncer(state: dict) -> None:
         raise click.ClickException(f"PgBouncer exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
 
 
-def pgbouncer_admin(state: dict, command: str) -> None:
-    """One command on PgBouncer's admin console (the `pgbouncer` database)."""
+def pgbouncer_admin(pgbouncer: dict, command: str) -> list[dict]:
+    """One command on PgBouncer's admin console (the `pgbouncer` database); its rows, if any."""
     import psycopg2
 
-    address, port = state["pgbouncer"]["address"].rsplit(":", 1)
-    connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=state["pgbouncer"]["admin_user"],
+    address, port = pgbouncer["address"].rsplit(":", 1)
+    connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=pgbouncer["admin_user"],
                                   connect_timeout=5)
     try:
         connection.autocommit = True  # the console takes no BEGIN
         with connection.cursor() as cursor:
             cursor.execute(command)
+            if cursor.description is None:
+                return []
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     finally:
         connection.close()
 
@@ -508,14 +512,14 @@ def restart(part: str) -> None:
             raise click.ClickException("PostgreSQL is DATABASE_URL's server: restart it with its own tools")
         pgdata = Path(state["postgres"]["pgdata"])
         database = make_url(state["postgres"]["url"]).database
-        pgbouncer_admin(state, f"PAUSE {database}")  # returns once no transaction runs
+        pgbouncer_admin(state["pgbouncer"], f"PAUSE {database}")  # returns once no transaction runs
         try:
             embedded_pg.stop(pgdata)
             embedded_pg.start(pgdata)
             state["postgres"]["pid"] = embedded_pg.server_pid(pgdata)
             save_state(state)
         finally:
-            pgbouncer_admin(state, f"RESUME {database}")
+            pgbouncer_admin(state["pgbouncer"], f"RESUME {database}")
     click.echo(f"{part} restarted in {time.monotonic() - started:.2f} s")
 
 

@@ -18,12 +18,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psycopg2
 import pytest
 from conftest import ROOT, in_background
 
 import embedded_pg
 import servers
+from deploy.cluster import pgbouncer_admin
 
 CLUSTER = [sys.executable, str(ROOT / "deploy" / "cluster.py")]
 NEEDED = [name for name in ("pgbouncer", "haproxy")
@@ -79,12 +79,18 @@ def haproxy_states(env: dict) -> dict:
 
 def wait_for_state(env: dict, host: str, wanted: str, within: float) -> float:
     """Seconds until HAProxy shows `host` as `wanted` (e.g. "DOWN"); fails after `within`."""
+    return seconds_until(lambda: haproxy_states(env)[host] == wanted, within, every=0.2,
+                         failure=lambda: f"{host} not {wanted} in HAProxy: {haproxy_states(env)}")
+
+
+def seconds_until(check, within: float, every: float = 0.01, failure=lambda: "") -> float:
+    """Seconds until `check()` is true, asked every `every` seconds; fails after `within`."""
     started = time.monotonic()
-    while time.monotonic() - started < within:
-        if haproxy_states(env)[host] == wanted:
-            return time.monotonic() - started
-        time.sleep(0.2)
-    pytest.fail(f"{host} not {wanted} in HAProxy after {within:.0f} s: {haproxy_states(env)}")
+    while not check():
+        if time.monotonic() - started > within:
+            pytest.fail(f"not within {within:.0f} s: {failure()}")
+        time.sleep(every)
+    return time.monotonic() - started
 
 
 def load(url: str, seconds: float, rate: int = 100) -> dict:
@@ -251,10 +257,10 @@ def test_replica_serves_the_reads(cluster_env, figure):
         report = status(cluster_env)
         created = post_json(balancer + "/todos", {"title": "written to the primary"})
         visible_after = seconds_until(lambda: servers.status_of(f"{balancer}/todos/{created['id']}") == 200, 5)
-        before = transactions_by_database(report["pgbouncer"]["address"])
+        before = transactions_by_database(report["pgbouncer"])
         for _ in range(50):
             get_json(balancer + "/todos")
-        after = transactions_by_database(report["pgbouncer"]["address"])
+        after = transactions_by_database(report["pgbouncer"])
         stats = get_json(balancer + "/stats")["replica"]
     finally:
         assert run_cluster(cluster_env, "down").returncode == 0
@@ -276,23 +282,6 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(answer.read())
 
 
-def seconds_until(check, within: float) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < within, f"not within {within} s"
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
-def transactions_by_database(pgbouncer_address: str) -> dict[str, int]:
+def transactions_by_database(pgbouncer: dict) -> dict[str, int]:
     """PgBouncer's count of transactions so far, per database (its admin console's SHOW STATS)."""
-    host, port = pgbouncer_address.rsplit(":", 1)
-    connection = psycopg2.connect(host=host, port=port, dbname="pgbouncer", user="postgres")
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW STATS")
-            column = [description.name for description in cursor.description].index("total_xact_count")
-            return {row[0]: row[column] for row in cursor.fetchall()}
-    finally:
-        connection.close()
+    return {row["database"]: row["total_xact_count"] for row in pgbouncer_admin(pgbouncer, "SHOW STATS")}
