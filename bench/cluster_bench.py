@@ -80,19 +80,20 @@ def max_connections_rows(env: dict) -> list[dict]:
 
 
 def throughput_rows(env: dict) -> list[dict]:
-    plans = [("1 host, no HAProxy", ["--hosts", "1"], {}, True),
-             ("1 host via HAProxy", ["--hosts", "1"], {}, False),
-             ("2 hosts via HAProxy", ["--hosts", "2"], {}, False),
-             ("3 hosts via HAProxy", ["--hosts", "3"], {}, False),
-             ("3 hosts via HAProxy, straight to PostgreSQL", ["--hosts", "3", "--direct"], {}, False),
-             ("2 hosts via HAProxy, a new connection to PgBouncer per request (as NullPool)", ["--hosts", "2"],
+    # (label, hosts when the row is one of the 1-2-3 hosts series, up's arguments, extra env, straight to host1)
+    plans = [("1 host, no HAProxy", None, ["--hosts", "1"], {}, True),
+             ("1 host via HAProxy", 1, ["--hosts", "1"], {}, False),
+             ("2 hosts via HAProxy", 2, ["--hosts", "2"], {}, False),
+             ("3 hosts via HAProxy", 3, ["--hosts", "3"], {}, False),
+             ("3 hosts via HAProxy, straight to PostgreSQL", None, ["--hosts", "3", "--direct"], {}, False),
+             ("2 hosts via HAProxy, a new connection to PgBouncer per request (as NullPool)", None, ["--hosts", "2"],
               {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "200"}, False)]
     rows = []
-    for label, args, extra_env, straight_to_host in plans:
+    for label, hosts, args, extra_env, straight_to_host in plans:
         with Cluster({**env, **extra_env}, *args) as url:
             target = first_host_url(env) if straight_to_host else url
             wrk(target + "/todos", seconds=2)  # warm up: the pools fill
-            rows.append({"label": label, **wrk_with_machine_cpu(target + "/todos")})
+            rows.append({"label": label, "hosts": hosts, **wrk_with_machine_cpu(target + "/todos")})
         print(f"  {label}: {rows[-1]['rps']:.0f} req/s", flush=True)
     return rows
 
@@ -104,10 +105,22 @@ def waves_row(env: dict) -> loadtest.Report:
         return burst_report(url, "postgres", 1000, 1.0)
 
 
+def pgbouncer_version() -> str:
+    """The first line of `pgbouncer --version`, e.g. PgBouncer 1.18.0."""
+    version = subprocess.run([cluster.program("pgbouncer"), "--version"], capture_output=True, text=True)
+    return version.stdout.splitlines()[0]
+
+
+def fastest_host_count(speed: list[dict]) -> int:
+    """Of the rows through HAProxy and PgBouncer, the number of hosts with the most req/s."""
+    by_hosts = {row["hosts"]: row["rps"] for row in speed if row["hosts"]}
+    return max(by_hosts, key=by_hosts.get)
+
+
 def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str:
     lines = [SECTION, "", f"Made by `make cluster-bench` on {time.strftime('%Y-%m-%d')}: `deploy/cluster.py` on this "
-             "machine, app hosts in network namespaces, HAProxy on 127.0.0.1, PgBouncer 1.18 in transaction mode, "
-             "an embedded PostgreSQL with max_connections = 100 (97 for clients).", "",
+             f"machine, app hosts in network namespaces, HAProxy on 127.0.0.1, {pgbouncer_version()} in transaction "
+             "mode, an embedded PostgreSQL with max_connections = 100 (97 for clients).", "",
              "### 4 hosts x 2 workers x DB_POOL_SIZE 100 = 800 possible connections; 400 concurrent 1 s pg_sleeps",
              "", "| path to PostgreSQL | wall | answers | waves of 2xx | 'too many clients' in the hosts' logs |",
              "|---|---|---|---|---|"]
@@ -126,7 +139,8 @@ def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str
                      f"{row['cpu_us']:.0f} µs |")
     lines += ["", "On 2 cores every process here (wrk, HAProxy, PgBouncer, the hosts, PostgreSQL) shares the same "
               "CPU: the machine is the ceiling, and each host added costs CPU per request (more processes to "
-              "schedule), so the rate stops growing after 2 hosts. PgBouncer's cost is the difference between the "
+              f"schedule), so the rate is highest with {fastest_host_count(speed)} host(s) here. "
+              "PgBouncer's cost is the difference between the "
               "two 3-host rows: its own CPU, and the BEGIN and ROLLBACK of a read behind it (README, \"Behind "
               "PgBouncer\"). A new connection per request costs more CPU than it saves: the pool stays."]
     lines += ["", "### N = 1,000 one-second pg_sleeps through PgBouncer (80 server connections, 4 hosts x 2 workers "
