@@ -25,13 +25,13 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(PY) bench/bench.py
+	$(PY) -m bench.suite
 
 cluster-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(PY) bench/cluster_bench.py
+	$(PY) -m bench.cluster_bench
 
 clean:
-	-$(PY) embedded_pg.py stop
+	-$(PY) -m greenflask.embedded stop
 	rm -rf $(VENV) .pgdata .pytest_cache .ruff_cache .hypothesis

@@ -5,36 +5,30 @@
     gunicorn app:app -k gevent              # gevent + green wait callback: both routes concurrent
 """
 
-import logging
-
 from flask import Flask
 
 import db
-import metrics
 import views
-from config import Settings
 from errors import register_error_handlers
-from jsonprovider import OrjsonProvider
+from greenflask import logs, metrics
+from greenflask.jsonprovider import OrjsonProvider
+from greenflask.settings import CONFIG_KEY, Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """The app factory. It opens no connection: the engine is made per process on first use."""
+    """The app factory. It opens no connection: the engines are made per process on first use."""
     settings = settings or Settings.from_env()
-    _configure_logging()
+    logs.configure()
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
-    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, GREENFLASK=settings)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes)
+    app.config[CONFIG_KEY] = settings
     db.init_app(app, settings)
     if settings.metrics:
         metrics.init_app(app)
     register_error_handlers(app)
     app.register_blueprint(views.bp)
     return app
-
-
-def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(process)d] [%(levelname)s] %(name)s: %(message)s")
 
 
 app = create_app()

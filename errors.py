@@ -12,9 +12,9 @@ from psycopg2 import errors as pg_errors
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
-import health
-import metrics
-from green import DatabaseTimeout
+from greenflask import health, metrics
+from greenflask.green import DatabaseTimeout
+from greenflask.logs import first_line
 
 log = logging.getLogger("greenflask.errors")
 
@@ -31,10 +31,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def first_line(error: BaseException) -> str:
-    """The driver's message without its SQL context lines, for a one-line log entry."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def not_found() -> ApiError:
+    return ApiError(404, "not_found", "no such todo")
 
 
 def error_response(status: int, code: str, message: str, retry_after: int | None = None):

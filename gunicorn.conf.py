@@ -8,14 +8,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from config import Settings, env_number
+from greenflask.settings import Server, Settings
 
+_server = Server.from_env()
 _settings = Settings.from_env()
 bind = "127.0.0.1:8000"
-workers = env_number("WEB_CONCURRENCY", 1, minimum=1)
+workers = _server.web_concurrency
 # The sync worker is killed when one request holds it longer than this; the gevent worker
 # only when its event loop is blocked this long (PSYCOGREEN=0 with many pg_sleeps).
-timeout = env_number("GUNICORN_TIMEOUT", 120, minimum=1)
+timeout = _server.gunicorn_timeout
 graceful_timeout = 30
 # gunicorn 27 opens a control socket at a fixed path by default; servers side by side
 # (tests, benchmarks) would fight over it.
@@ -29,39 +30,39 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss pid=%(p)s'
 # is chosen here, after the settings above have parsed (a bad one exits before any folder
 # exists). A fresh one per server start, removed at exit; a folder given in
 # PROMETHEUS_MULTIPROC_DIR is emptied instead (old files would add to the sums).
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _metrics_dir, _metrics_dir_is_ours = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), False
+if _settings.metrics_dir:
+    _metrics_dir, _metrics_dir_is_ours = Path(_settings.metrics_dir), False
     _metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in _metrics_dir.glob("*.db"):
         stale.unlink()
 else:
     # In memory (tmpfs) where there is one: every request writes to these files' pages, and
     # on a disk-backed folder the kernel keeps writing them back (measured in BENCHMARKS.md).
-    _in_memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    _in_memory = "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
     _metrics_dir = Path(tempfile.mkdtemp(prefix="greenflask-metrics-", dir=_in_memory))
     _metrics_dir_is_ours = True
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)  # for prometheus_client and the app
 
 
 def on_starting(server):
     """In the master, before any fork: print the settings, start the embedded database once."""
-    import embedded_pg
+    from greenflask import embedded
 
-    server.log.info("greenflask settings: %s", _settings.describe())
+    server.log.info("greenflask settings: %s workers=%d timeout=%ds", _settings.describe(), workers, timeout)
     server.log.info("metrics of all workers in %s", _metrics_dir)
     if not _settings.database_url:
-        server.log.info("embedded PostgreSQL: %s", embedded_pg.database_url())
+        server.log.info("embedded PostgreSQL: %s", embedded.embedded_url())
 
 
 def post_worker_init(worker):
-    """In each worker, after gevent's monkey-patching: the server check makes the engine
+    """In each worker, after gevent's monkey-patching: the server check makes the engines
     (choosing the wait callback and logging the mode) and warns when the pools cannot fit
     in the server's max_connections; a gevent worker starts the event-loop block detector."""
     import db
-    import loopblock
+    from greenflask import green, loopblock
 
-    db.database(worker.wsgi).check_server(worker.cfg.workers)
-    if db.socket_is_green() and _settings.loop_block_warn_ms > 0:
+    db.engines(worker.wsgi).check_server(worker.cfg.workers)
+    if green.socket_is_green() and _settings.loop_block_warn_ms > 0:
         loopblock.start(_settings.loop_block_warn_ms)
 
 

@@ -11,13 +11,12 @@ be reached (or the command line is wrong).
 
 Libraries: aiohttp (one ClientSession, no connection limit) sends the requests; rich draws
 the progress bar, tables and colour; percentiles come from an HDR histogram (`hdrhistogram`,
-the structure wrk2 and vegeta use).
+the structure wrk2 and vegeta use); click reads the command line, as in every script here.
+`--json FILE` writes one shape for every mode: {"mode", "url", "all_ok", "reports", "matrix"}.
 """
 
-import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,15 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+import click
 from hdrh.histogram import HdrHistogram
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import servers
+from greenflask import PROJECT_DIR, servers
+from greenflask.settings import Tools
 
-PROJECT_DIR = Path(__file__).resolve().parent
 ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/"}
 PROGRESS_BAR_ABOVE = 200
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9}
@@ -393,7 +393,8 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
     return summarize(f"closed loop c={concurrency}", url, outcomes, wall)
 
 
-async def open_loop(base_url: str, path: str, rate: float, duration: float, timeout: float) -> Report:
+async def open_loop(base_url: str, path: str, rate: float, duration: float, timeout: float,
+                    quiet: bool = False) -> Report:
     """Send `rate` GETs a second for `duration` seconds on a fixed schedule, whatever the
     answers, with no cap on requests in flight (each ends by `timeout` at the latest), like
     wrk2 -R or vegeta -rate. Each request records how late it left, so the latency from its
@@ -405,7 +406,7 @@ async def open_loop(base_url: str, path: str, rate: float, duration: float, time
     tasks: list[asyncio.Task] = []
     async with client_session(timeout) as session:
         await check_reachable(session, base_url)
-        with Progress(TextColumn("{task.description}"), console=console, transient=True) as progress:
+        with Progress(TextColumn("{task.description}"), console=console, transient=True, disable=quiet) as progress:
             line = progress.add_task("", total=count)
             started = time.perf_counter()
             for index in range(count):
@@ -435,10 +436,11 @@ def ideal_for(mode: str, route: str, count: int, seconds: float) -> float:
     return seconds if concurrent else count * seconds
 
 
-async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path) -> list[dict]:
-    """The original README's experiment: each mode on its own server, both routes."""
+async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path) -> tuple[list[dict], list[Report]]:
+    """The original README's experiment: each mode on its own server, both routes; a row per
+    mode and route, and its report."""
     _seed_database()
-    rows = []
+    rows, all_reports = [], []
     for mode, (worker_args, green, _) in MODES.items():
         port = servers.free_port()
         base_url = f"http://127.0.0.1:{port}"
@@ -455,7 +457,7 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
             await asyncio.sleep(0.3)  # the server reports a block once its loop runs again
             blocks_after, longest = loop_blocks(base_url)
         finally:
-            servers.stop(process)
+            servers.stop(process.pid)
         for index, report in enumerate(reports):
             original = ORIGINAL[mode][index] if (count, seconds) == (5, 5) else None
             rows.append(
@@ -469,10 +471,10 @@ async def run_matrix(count: int, seconds: float, timeout: float, log_path: Path)
                     "all_ok": report.all_ok,
                     "loop_blocks": blocks_after - blocks_before if worker_args else None,
                     "longest_block": longest,
-                    "report": asdict(report),
                 }
             )
-    return rows
+        all_reports += reports
+    return rows, all_reports
 
 
 def loop_blocks(base_url: str) -> tuple[float, float]:
@@ -526,70 +528,123 @@ def describe_blocks(row: dict) -> str:
 
 # --- command line ------------------------------------------------------------------------
 
+# Which options each mode takes; any other given on the command line is a usage error.
+MODE_OPTIONS = {
+    "burst": {"target", "url", "seconds", "routes", "timeout", "json_path", "quiet", "plot"},
+    "closed": {"target", "url", "concurrency", "duration", "timeout", "json_path", "quiet"},
+    "open": {"target", "url", "rate", "duration", "timeout", "json_path", "quiet"},
+    "matrix": {"matrix", "seconds", "timeout", "json_path"},
+}
+FLAGS = {"target": "N or PATH", "url": "--url", "seconds": "--seconds", "routes": "--routes", "timeout": "--timeout",
+         "json_path": "--json", "quiet": "--quiet", "plot": "--plot", "concurrency": "-c", "rate": "--rate",
+         "duration": "-d", "matrix": "--matrix"}
+# The option that picks each mode other than a burst, and how a usage error names the mode.
+MODE_FLAG = {"matrix": "matrix", "closed": "concurrency", "open": "rate"}
+MODE_NAMES = {"burst": "a burst of N", "closed": "the closed loop (-c)", "open": "the open loop (--rate)",
+              "matrix": "--matrix (it starts its own servers)"}
 
-class OneLineParser(argparse.ArgumentParser):
-    """A usage error is one line on stderr and exit 2, without the usage block."""
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+def _given(ctx: click.Context) -> list[str]:
+    """The options the user typed (not their defaults)."""
+    return [name for name in FLAGS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(
-        prog="loadtest.py",
-        description="Concurrent-request load tester for greenflask (see the module docstring).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("target", nargs="?", help="N requests per route (default 5), or a PATH with -c or --rate")
-    parser.add_argument("--url", help="server base URL (default http://localhost:8000)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="sleep per request, sent as ?seconds= (default 5)")
-    parser.add_argument("--routes", default="python,postgres", help="comma-separated: python, postgres")
-    parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in s (default 120)")
-    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no per-response lines, summary or timeline")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the completion timeline (needs matplotlib)")
-    parser.add_argument("-c", "--concurrency", type=int, help="closed loop: this many workers")
-    parser.add_argument("--rate", type=float, metavar="R", help="open loop: R requests a second on a fixed schedule")
-    parser.add_argument("-d", "--duration", type=float, default=10.0, help="closed or open loop: seconds (default 10)")
-    parser.add_argument("--matrix", type=int, metavar="N", help="start the server in each of the three modes")
-    args = parser.parse_args(argv)
+def _mode(ctx: click.Context) -> str:
+    """The mode the options choose; two modes at once, or an option another mode takes, is a usage error."""
+    given = _given(ctx)
+    chosen = [mode for mode, flag in MODE_FLAG.items() if flag in given]
+    if len(chosen) > 1:
+        flags = " and ".join(FLAGS[MODE_FLAG[mode]] for mode in chosen)
+        raise click.UsageError(f"{flags} are different modes: choose one")
+    mode = chosen[0] if chosen else "burst"
+    stray = [FLAGS[name] for name in given if name not in MODE_OPTIONS[mode]]
+    if stray:
+        raise click.UsageError(f"{', '.join(stray)} does not apply to {MODE_NAMES[mode]}")
+    return mode
 
-    modes = [flag for flag, given in (("--matrix", args.matrix is not None), ("-c", args.concurrency is not None),
-                                      ("--rate", args.rate is not None)) if given]
-    if len(modes) > 1:
-        parser.error(f"{' and '.join(modes)} are different modes: choose one")
-    if args.matrix is not None and args.url:
-        parser.error("--matrix starts its own servers: --url does not apply")
-    args.url = (args.url or "http://localhost:8000").rstrip("/")
-    if args.concurrency is not None or args.rate is not None:
-        if (args.concurrency is not None and args.concurrency < 1) or (args.rate is not None and args.rate <= 0):
-            parser.error("-c must be >= 1 and --rate > 0")
-        if args.duration <= 0:
-            parser.error("-d must be > 0")
-        args.path = args.target or "/todos"
-        if not args.path.startswith("/"):
-            parser.error(f"PATH must start with '/', got {args.path!r}")
-    else:
-        try:
-            args.count = int(args.target) if args.target else 5
-        except ValueError:
-            parser.error(f"N must be an integer, got {args.target!r}")
-        if args.count < 1:
-            parser.error("N must be >= 1")
-    args.route_list = [name.strip() for name in args.routes.split(",") if name.strip()]
-    unknown = [name for name in args.route_list if name not in ROUTES]
-    if unknown or not args.route_list:
-        parser.error(f"--routes takes python and/or postgres, got {args.routes!r}")
-    if args.seconds < 0 or args.timeout <= 0:
-        parser.error("--seconds must be >= 0 and --timeout > 0")
-    if args.matrix is not None and args.matrix < 1:
-        parser.error("--matrix N must be >= 1")
-    if args.plot:
+
+def _routes(ctx, param, value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names or any(name not in ROUTES for name in names):
+        raise click.BadParameter(f"takes python and/or postgres, got {value!r}")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("target", required=False)
+@click.option("--url", default="http://localhost:8000", show_default=True, help="Server base URL.")
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Sleep per request, sent as ?seconds=.")
+@click.option("--routes", default="python,postgres", show_default=True, callback=_routes,
+              help="Comma-separated: python, postgres.")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Per-request timeout in seconds.")
+@click.option("--json", "json_path", metavar="FILE", help="Write every figure to FILE as JSON (one shape, all modes).")
+@click.option("--quiet", is_flag=True, help="Only the totals: no per-response lines, live line, summary or timeline.")
+@click.option("--plot", metavar="FILE.png",
+              help="Draw the completion timeline (needs matplotlib).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Closed loop: this many workers.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="R",
+              help="Open loop: R requests a second on a fixed schedule.")
+@click.option("-d", "--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Closed or open loop: seconds.")
+@click.option("--matrix", type=click.IntRange(min=1), metavar="N", help="Start the server in each of the three modes.")
+@click.pass_context
+def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, concurrency, rate, duration, matrix) -> int:
+    """Concurrent-request load tester for greenflask.
+
+    TARGET is N, the requests per route (default 5), or a PATH with -c or --rate (default /todos).
+    """
+    mode = _mode(ctx)
+    url = url.rstrip("/")
+    if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
-    return args
+            raise click.UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    if mode in ("closed", "open"):
+        path = target or "/todos"
+        if not path.startswith("/"):
+            raise click.UsageError(f"PATH must start with '/', got {path!r}")
+    elif mode == "burst":
+        try:
+            count = int(target) if target else 5
+        except ValueError:
+            raise click.UsageError(f"N must be an integer, got {target!r}") from None
+        if count < 1:
+            raise click.UsageError("N must be >= 1")
+    try:
+        if mode == "matrix":
+            rows, reports = asyncio.run(run_matrix(matrix, seconds, timeout, Tools.from_env().loadtest_server_log))
+            print_matrix(rows, matrix, seconds)
+            ok = all(row["all_ok"] for row in rows)
+        elif mode == "open":
+            report = asyncio.run(open_loop(url, path, rate, duration, timeout, quiet))
+            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, open loop at {rate:g}/s")
+            if not quiet:
+                print_summary(report)
+            reports, rows, ok = [report], [], report.all_ok
+        elif mode == "closed":
+            report = asyncio.run(closed_loop(url, path, concurrency, duration, timeout))
+            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {concurrency} workers")
+            if not quiet:
+                print_summary(report)
+            reports, rows, ok = [report], [], report.all_ok
+        else:
+            reports = asyncio.run(run_routes(url, count, seconds, routes, timeout, quiet))
+            rows, ok = [], all(report.all_ok for report in reports)
+            if plot:
+                save_plot(reports, plot)
+    except ServerUnreachable as error:
+        print(f"loadtest.py: {error}; {START_HINT}", file=sys.stderr)
+        return 2
+    except MatrixSetupFailed as error:
+        print(f"loadtest.py --matrix: {error}", file=sys.stderr)
+        return 2
+    if json_path:
+        write_json(json_path, {"mode": mode, "url": None if mode == "matrix" else url, "all_ok": ok,
+                               "reports": [asdict(report) for report in reports], "matrix": rows})
+    return 0 if ok else 1
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -597,44 +652,14 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """The command line: a usage error is one line on stderr and exit 2, without click's usage block."""
     try:
-        if args.matrix is not None:
-            log_path = Path(os.environ.get("LOADTEST_SERVER_LOG", PROJECT_DIR / "loadtest-matrix.log"))
-            rows = asyncio.run(run_matrix(args.matrix, args.seconds, args.timeout, log_path))
-            print_matrix(rows, args.matrix, args.seconds)
-            if args.json:
-                write_json(args.json, {"matrix": rows, "n": args.matrix, "seconds": args.seconds})
-            return 0 if all(row["all_ok"] for row in rows) else 1
-        if args.rate is not None:
-            report = asyncio.run(open_loop(args.url, args.path, args.rate, args.duration, args.timeout))
-            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, open loop at {args.rate:g}/s")
-            print_summary(report)
-            if args.json:
-                write_json(args.json, asdict(report))
-            return 0 if report.all_ok else 1
-        if args.concurrency is not None:
-            report = asyncio.run(closed_loop(args.url, args.path, args.concurrency, args.duration, args.timeout))
-            print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {args.concurrency} workers")
-            print_summary(report)
-            reports = [report]
-        else:
-            reports = asyncio.run(
-                run_routes(args.url, args.count, args.seconds, args.route_list, args.timeout, args.quiet)
-            )
-            if args.plot:
-                save_plot(reports, args.plot)
-    except ServerUnreachable as error:
-        print(f"loadtest.py: {error}; {START_HINT}", file=sys.stderr)
+        return cli.main(args=argv, prog_name="loadtest.py", standalone_mode=False)
+    except click.UsageError as error:
+        print(f"loadtest.py: {error.format_message()} (see --help)", file=sys.stderr)
         return 2
-    except MatrixSetupFailed as error:
-        print(f"loadtest.py --matrix: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):
         return 130
-    if args.json:
-        write_json(args.json, {"reports": [asdict(report) for report in reports]})
-    return 0 if all(report.all_ok for report in reports) else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The `todos` table and every query the routes need, always with bound parameters.
 
-The writes are SQLAlchemy Core statements; the reads, on the hot path, are fixed SQL strings
-run on the session's own connection. No ORM objects: the routes only move rows to JSON, and
-plain rows skip the identity map and attribute instrumentation the ORM would pay for on
-every row. Each function takes the request's `Session`, so all of them share its connection
-and, for writes, its one transaction.
+The writes are SQLAlchemy Core statements; the reads, on the hot path, are Core statements
+compiled once to SQL strings and run on the session's own connection. No ORM objects: the
+routes only move rows to JSON, and plain rows skip the identity map and attribute
+instrumentation the ORM would pay for on every row. Each function takes the request's
+`Session`, so all of them share its connection and, for writes, its one transaction.
 """
 
 from sqlalchemy import (
@@ -16,10 +16,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     delete,
+    func,
     insert,
+    select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 TITLE_MAX_LENGTH = 60
@@ -38,16 +42,22 @@ todos = Table(
     CheckConstraint(f"priority BETWEEN {PRIORITY_MIN} AND {PRIORITY_MAX}", name="priority_range"),
 )
 
-# The reads as fixed SQL strings with bound parameters, run by `exec_driver_sql`: no Core
-# statement to compile, no cache key to compute per request (BENCHMARKS.md, "Speed").
-# They name the table's columns, so a change to `todos` above must be made here too.
-_COLUMNS = "id, title, done, priority"
-_ALL_SQL = f"SELECT {_COLUMNS} FROM todos ORDER BY id"
-_PAGE_SQL = f"SELECT {_COLUMNS} FROM todos ORDER BY id LIMIT %(limit)s OFFSET %(offset)s"
-_PAGE_BY_DONE_SQL = (
-    f"SELECT {_COLUMNS} FROM todos WHERE done = %(done)s ORDER BY id LIMIT %(limit)s OFFSET %(offset)s"
-)
-_ONE_SQL = f"SELECT {_COLUMNS} FROM todos WHERE id = %(id)s"
+
+def _driver_sql(statement) -> str:
+    """A Core statement compiled once, at import, to psycopg2's SQL with %(name)s parameters."""
+    return str(statement.compile(dialect=postgresql.psycopg2.dialect()))
+
+
+# The reads are built with Core from the table above, then run as fixed SQL strings by
+# `exec_driver_sql`: no statement to compile and no cache key to compute per request
+# (BENCHMARKS.md, "Speed"), and the columns are named once, in the table.
+_by_id = select(todos).order_by(todos.c.id)
+_page = _by_id.limit(bindparam("limit")).offset(bindparam("offset"))
+_ALL_SQL = _driver_sql(_by_id)
+_PAGE_SQL = _driver_sql(_page)
+_PAGE_BY_DONE_SQL = _driver_sql(_page.where(todos.c.done == bindparam("done")))
+_ONE_SQL = _driver_sql(select(todos).where(todos.c.id == bindparam("id")))
+_SLEEP_SQL = _driver_sql(select(func.pg_sleep(bindparam("seconds"))))
 
 
 def _read(session: Session, sql: str, parameters: dict | None = None) -> list[dict]:
@@ -92,7 +102,7 @@ def delete_todo(session: Session, todo_id: int) -> bool:
 
 def pg_sleep(session: Session, seconds: float) -> None:
     """Have the server sleep; blocks the worker unless the green wait callback is on."""
-    session.connection().exec_driver_sql("SELECT pg_sleep(%(seconds)s)", {"seconds": seconds})
+    session.connection().exec_driver_sql(_SLEEP_SQL, {"seconds": seconds})
 
 
 def ping(session: Session) -> None:

@@ -12,10 +12,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-import db
-import embedded_pg
-from config import Settings
-from errors import first_line
+from greenflask import embedded
+from greenflask.logs import first_line
+from greenflask.settings import Settings
 from models import metadata, todos
 
 
@@ -62,8 +61,8 @@ def main(reset: bool, count: int) -> None:
     """Create the todos table if missing and make sure the seed todos exist."""
     settings = Settings.from_env()
     try:
-        url = db.database_url(settings)
-        engine = embedded_pg.script_engine(url)
+        url = embedded.database_url(settings)
+        engine = embedded.script_engine(url)
         inserted = seed(engine, count=count, reset=reset)
         if settings.pgbouncer:
             database = set_statement_timeout(engine, settings.statement_timeout_ms)

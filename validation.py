@@ -5,7 +5,7 @@ import math
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from errors import ApiError
+from errors import ApiError, not_found
 from models import PRIORITY_MAX, PRIORITY_MIN, TITLE_MAX_LENGTH
 
 DEFAULT_SLEEP_SECONDS = 5.0
@@ -66,7 +66,7 @@ def todo_id(value: int) -> int:
     405 with a wrong Allow header instead of 404.
     """
     if value > INT_MAX:
-        raise ApiError(404, "not_found", "no such todo")
+        raise not_found()
     return value
 
 

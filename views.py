@@ -3,26 +3,21 @@
 import os
 import time
 
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, jsonify, request, url_for
 
 import db
-import loopblock
-import metrics
 import models
 import validation
-from errors import ApiError
+from errors import not_found
+from greenflask import green, loopblock, metrics, settings
 
 bp = Blueprint("todos", __name__)
-
-
-def _settings():
-    return current_app.config["GREENFLASK"]
 
 
 @bp.get("/sleep/python/")
 def sleep_python():
     """`time.sleep(S)`: blocks the worker unless gevent has patched `time`."""
-    seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
+    seconds = validation.sleep_seconds(request.args, settings.current().sleep_max_seconds)
     time.sleep(seconds)
     return jsonify(todos=db.read(models.all_todos))
 
@@ -30,7 +25,7 @@ def sleep_python():
 @bp.get("/sleep/postgres/")
 def sleep_postgres():
     """`SELECT pg_sleep(S)`: blocks the worker unless psycopg2's wait callback is green."""
-    seconds = validation.sleep_seconds(request.args, _settings().sleep_max_seconds)
+    seconds = validation.sleep_seconds(request.args, settings.current().sleep_max_seconds)
     db.read(models.pg_sleep, seconds)
     return jsonify(todos=db.read(models.all_todos))
 
@@ -88,24 +83,24 @@ def stats():
     """This host and worker's mode, pool and event-loop blocks, without taking a connection
     (but one to ask a read replica, when there is one, its lag)."""
     return jsonify(
-        host=_settings().host_name,
+        host=settings.current().host_name,
         pid=os.getpid(),
-        worker_class="gevent" if db.socket_is_green() else "sync",
-        wait_callback=db.wait_callback_installed(),
-        pool=db.database().pool_status(),
-        replica=db.database().replica_status(),
+        worker_class="gevent" if green.socket_is_green() else "sync",
+        wait_callback=green.installed(),
+        pool=db.engines().pool_status(),
+        replica=db.engines().replica_status(),
         loop_blocks=loopblock.stats,
     )
 
 
 @bp.get("/metrics")
 def prometheus_metrics():
-    """Prometheus text format, summed over every live worker (metrics.py)."""
-    body, content_type = metrics.exposition()
+    """Prometheus text format, summed over every live worker (greenflask/metrics.py)."""
+    body, content_type = metrics.exposition(settings.current().metrics_dir)
     return body, 200, {"Content-Type": content_type}
 
 
 def _found(value):
     if not value:
-        raise ApiError(404, "not_found", "no such todo")
+        raise not_found()
     return value

@@ -23,28 +23,27 @@ from pathlib import Path
 
 import psutil
 
-from bench import ROOT, burst_report, loadtest, statuses_text, wrk
+from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, loadtest, statuses_text, wrk
 from deploy import cluster
 
 SECTION = "## 5. Past one machine"
-WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "6"))
 
 
 class Cluster:
-    """`deploy/cluster.py up ... ` on entering, `down` on leaving."""
+    """`python -m deploy.cluster up ...` on entering, `down` on leaving."""
 
     def __init__(self, env: dict, *args: str):
         self.env, self.args = env, args
 
     def __enter__(self) -> str:
-        up = subprocess.run([sys.executable, "deploy/cluster.py", "up", *self.args], cwd=ROOT, env=self.env,
+        up = subprocess.run([sys.executable, "-m", "deploy.cluster", "up", *self.args], cwd=ROOT, env=self.env,
                             capture_output=True, text=True)
         if up.returncode != 0:  # a failed `up` has stopped what it started
             raise RuntimeError(up.stderr + up.stdout)
         return up.stdout.strip().splitlines()[-1]
 
     def __exit__(self, *_) -> None:
-        subprocess.run([sys.executable, "deploy/cluster.py", "down"], cwd=ROOT, env=self.env, capture_output=True)
+        subprocess.run([sys.executable, "-m", "deploy.cluster", "down"], cwd=ROOT, env=self.env, capture_output=True)
 
 
 def machine_cpu_seconds() -> float:
@@ -140,9 +139,9 @@ def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str
     lines += ["", "On 2 cores every process here (wrk, HAProxy, PgBouncer, the hosts, PostgreSQL) shares the same "
               "CPU: the machine is the ceiling, and each host added costs CPU per request (more processes to "
               f"schedule), so the rate is highest with {fastest_host_count(speed)} host(s) here. "
-              "PgBouncer's cost is the difference between the "
-              "two 3-host rows: its own CPU, and the BEGIN and ROLLBACK of a read behind it (README, \"Behind "
-              "PgBouncer\"). A new connection per request costs more CPU than it saves: the pool stays."]
+              "PgBouncer's cost is the difference between the two 3-host rows: its own CPU, and the BEGIN and "
+              "ROLLBACK of a read behind it (docs/operations.md, \"Behind PgBouncer\"). A new connection per "
+              "request costs more CPU than it saves: the pool stays."]
     lines += ["", "### N = 1,000 one-second pg_sleeps through PgBouncer (80 server connections, 4 hosts x 2 workers "
               "x pool 200)", "",
               f"wall {waves.wall:.2f} s ({waves.wall / waves.ideal:.1f} x the sleep); answers "
@@ -165,11 +164,11 @@ def main() -> None:
         print("C. N = 1,000 through PgBouncer ...", flush=True)
         waves = waves_row(env)
     finally:
-        subprocess.run([sys.executable, "embedded_pg.py", "stop"], cwd=ROOT, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-m", "greenflask.embedded", "stop"], cwd=ROOT, env=env, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
     section = render(limits, speed, waves)
     print(section)
-    target = Path(os.environ.get("BENCH_OUTPUT", ROOT / "BENCHMARKS.md"))
+    target = TOOLS.bench_output
     existing = target.read_text()
     kept = existing[:existing.index(SECTION)] if SECTION in existing else existing.rstrip("\n") + "\n\n"
     target.write_text(kept + section)

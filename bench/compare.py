@@ -1,7 +1,7 @@
 """GET /todos throughput of several checkouts of the app beside the raw floor, alternating.
 
     git worktree add /tmp/gf-before <commit>
-    .venv/bin/python bench/compare.py /tmp/gf-before .
+    .venv/bin/python -m bench.compare /tmp/gf-before .
 
 Each folder's `app:app` runs under gunicorn -k gevent -w 2 against the same database (the
 embedded server of this checkout, or DATABASE_URL); wrk -t2 -c64 measures each in turn,
@@ -12,18 +12,22 @@ the server's processes and of PostgreSQL, as `make bench` section 3 does. BENCHM
 
 import os
 import statistics
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-import bench
-from config import Settings
+import click
 
-os.environ.setdefault("EMBEDDED_PGDATA", str(bench.ROOT / ".pgdata"))  # one database for every folder
+from bench import suite as bench
+from greenflask import embedded
+from greenflask.settings import Settings
 
 
-def main(folders: list[str]) -> None:
-    url = bench.db.database_url(Settings.from_env())
+@click.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def main(folders: tuple[str, ...]) -> None:
+    """GET /todos throughput of the app in each of FOLDERS beside the raw floor."""
+    os.environ["EMBEDDED_PGDATA"] = str(embedded.pgdata())  # one database for every folder
+    url = embedded.database_url(Settings.from_env())
     floor = ("floor", ["-k", "gevent", "-w", bench.PROCESSES], {"BENCH_DSN": bench.libpq_dsn(url)},
              "bench.floor_wsgi:application", "/todos", bench.ROOT)
     candidates = [(folder, ["-k", "gevent", "-w", bench.PROCESSES], {}, "app:app", "/healthz", Path(folder).resolve())
@@ -49,6 +53,4 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python bench/compare.py FOLDER [FOLDER ...]")
-    main(sys.argv[1:])
+    main()

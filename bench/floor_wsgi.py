@@ -7,7 +7,6 @@ answers GET /todos with the same JSON body as the app, so the difference is the 
 """
 
 import json
-import os
 import time
 from urllib.parse import parse_qs
 
@@ -15,10 +14,12 @@ import psycopg2
 from gevent.queue import LifoQueue
 from psycogreen.gevent import patch_psycopg
 
+from greenflask.settings import Tools
+
 patch_psycopg()  # imported by the gevent worker after monkey-patching
 
-DSN = os.environ["BENCH_DSN"]
-POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "20"))
+DSN = Tools.from_env().bench_dsn
+POOL_SIZE = Tools.from_env().bench_pool_size
 QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
 
 _idle: LifoQueue = LifoQueue()

@@ -4,10 +4,11 @@
 """
 
 import json
-import os
 
 import asyncpg
 from aiohttp import web
+
+from greenflask.settings import Tools
 
 QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
 
@@ -20,7 +21,7 @@ async def todos(request: web.Request) -> web.Response:
 
 
 async def _open_pool(app: web.Application):
-    app["pool"] = await asyncpg.create_pool(os.environ["BENCH_DSN"], min_size=1, max_size=20)
+    app["pool"] = await asyncpg.create_pool(Tools.from_env().bench_dsn, min_size=1, max_size=20)
     yield
     await app["pool"].close()
 

@@ -1,10 +1,10 @@
 """Several app hosts behind HAProxy, PgBouncer in front of PostgreSQL, all on this machine.
 
-    python deploy/cluster.py up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica]
-    python deploy/cluster.py status [--json]
-    python deploy/cluster.py link host2 down|up     # cut a host from the database, or mend it
-    python deploy/cluster.py restart postgres|pgbouncer
-    python deploy/cluster.py down
+    python -m deploy.cluster up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica]
+    python -m deploy.cluster status [--json]
+    python -m deploy.cluster link host2 down|up     # cut a host from the database, or mend it
+    python -m deploy.cluster restart postgres|pgbouncer
+    python -m deploy.cluster down
 
 As root, every app host is a network namespace of its own with two links: one to the
 front network, where HAProxy reaches it, and one to the back network, where it reaches
@@ -29,7 +29,6 @@ CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by 
 `down` left, unless a process still runs in one (then that network is a live cluster's).
 """
 
-import contextlib
 import csv
 import io
 import json
@@ -47,14 +46,7 @@ from string import Template
 import click
 from sqlalchemy.engine import URL, make_url
 
-DEPLOY_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(DEPLOY_DIR.parent))
-
-import embedded_pg  # noqa: E402
-import servers  # noqa: E402
-import sizing  # noqa: E402
-from config import Settings  # noqa: E402
-from deploy.network import (  # noqa: E402
+from deploy.network import (
     Network,
     ip,
     make_bridges,
@@ -62,9 +54,12 @@ from deploy.network import (  # noqa: E402
     remove_network,
     remove_stale_network,
 )
+from greenflask import embedded, servers, sizing
+from greenflask.settings import Settings, Tools
 
-CLUSTER_DIR = Path(os.environ.get("CLUSTER_DIR") or "/tmp/greenflask-cluster")
-CLUSTER_NET = os.environ.get("CLUSTER_NET") or "10.77"
+DEPLOY_DIR = Path(__file__).resolve().parent
+CLUSTER_DIR = Tools.from_env().cluster_dir
+CLUSTER_NET = Tools.from_env().cluster_net
 APP_PORT = 8000
 PGBOUNCER_PORT = 6432
 INSTALL_HINT = "apt-get install pgbouncer haproxy  (Debian's packages)"
@@ -82,54 +77,16 @@ def program(name: str) -> str:
 
 
 def spawn(command: list[str], log_name: str, env: dict | None = None) -> int:
-    """Start `command` in a session of its own, its output in CLUSTER_DIR; return its PID.
-    It outlives this script: `down` stops it by that PID."""
-    with open(CLUSTER_DIR / log_name, "ab") as log_file:
-        process = subprocess.Popen(command, cwd=DEPLOY_DIR.parent, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    return process.pid
-
-
-def is_alive(pid: int | None) -> bool:
-    """Running, and not a zombie waiting to be reaped."""
-    if not pid:
-        return False
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child that exited
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def stop_pid(pid: int | None, grace: float = 35.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds."""
-    if not is_alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while is_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if is_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-        while is_alive(pid):
-            time.sleep(0.05)
+    """Start `command` detached, its output in CLUSTER_DIR; return its PID. It outlives this
+    script: `down` stops it by that PID."""
+    return servers.spawn(command, CLUSTER_DIR / log_name, env, detach=True).pid
 
 
 def wait_for(check, what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise click.ClickException(f"{what}: not ready after {within:.0f} s (logs in {CLUSTER_DIR})")
-
-
-def port_open(address: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((address, port)) == 0
+    try:
+        servers.wait_until(check, what, within)
+    except RuntimeError as error:
+        raise click.ClickException(f"{error} (logs in {CLUSTER_DIR})") from None
 
 
 # --- state ---------------------------------------------------------------------------
@@ -152,14 +109,14 @@ def save_state(state: dict) -> None:
 
 def start_postgres(state: dict) -> URL:
     """DATABASE_URL's server, or the embedded one (started if needed); the database's URL."""
-    if os.environ.get("DATABASE_URL"):
-        url = make_url(os.environ["DATABASE_URL"])
+    if given := Settings.from_env().database_url:
+        url = make_url(given)
         state["postgres"] = {"pid": None, "embedded": False, "started": False}
     else:
-        was_running = embedded_pg.is_running()
-        url = make_url(embedded_pg.ensure_database(embedded_pg.start(), embedded_pg.DATABASE))
-        state["postgres"] = {"pid": embedded_pg.server_pid(), "embedded": True, "started": not was_running,
-                             "pgdata": str(embedded_pg.PGDATA)}
+        was_running = embedded.is_running()
+        url = make_url(embedded.ensure_database(embedded.start(), embedded.DATABASE))
+        state["postgres"] = {"pid": embedded.server_pid(), "embedded": True, "started": not was_running,
+                             "pgdata": str(embedded.pgdata())}
     state["postgres"]["url"] = url.render_as_string(hide_password=True)
     return url
 
@@ -177,8 +134,8 @@ def seed(database_url: URL, pgbouncer: bool) -> None:
 def start_replica(state: dict, primary: URL) -> URL:
     """A streaming replica of the embedded primary, in CLUSTER_DIR/replica; its URL."""
     folder = CLUSTER_DIR / "replica"
-    url = make_url(embedded_pg.start_replica(primary.render_as_string(hide_password=False), folder))
-    state["replica"] = {"pid": embedded_pg.server_pid(folder), "pgdata": str(folder)}
+    url = make_url(embedded.start_replica(primary.render_as_string(hide_password=False), folder))
+    state["replica"] = {"pid": embedded.server_pid(folder), "pgdata": str(folder)}
     save_state(state)
     return url
 
@@ -257,8 +214,8 @@ def run_pgbouncer(state: dict) -> None:
     pgbouncer["pid"] = pid = spawn(pgbouncer["command"], "pgbouncer.log")
     save_state(state)
     address, port = pgbouncer["address"].rsplit(":", 1)
-    wait_for(lambda: port_open(address, int(port)) or not is_alive(pid), "PgBouncer")
-    if not is_alive(pid):
+    wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
+    if not servers.is_alive(pid):
         raise click.ClickException(f"PgBouncer exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
 
 
@@ -291,12 +248,11 @@ def start_host(state: dict, network: Network, number: int, workers: int, databas
     # A metrics folder of the cluster's own per host, so that `down` removes it even when the
     # host's gunicorn was killed (its exit hook, which would remove its own, never ran).
     metrics_dir = metrics_folder(network, number)
-    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False),
+    env = {"DATABASE_URL": database_url.render_as_string(hide_password=False),
            "DB_PGBOUNCER": "1" if pgbouncer else "0", "HOST_NAME": name, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     if read_url is not None:
         env["DATABASE_READ_URL"] = read_url.render_as_string(hide_password=False)
-    command = [sys.executable, "-m", "gunicorn", "app:app", "-k", "gevent", "-w", str(workers),
-               "-b", f"{address}:{APP_PORT}"]
+    command = servers.gunicorn_command(f"{address}:{APP_PORT}", ["-k", "gevent", "-w", str(workers)])
     if network.namespaces:
         command = ["ip", "netns", "exec", network.namespace(number), *command]  # exec: same PID
     pid = spawn(command, f"{name}.log", env)
@@ -317,7 +273,7 @@ def host_url(host: dict, path: str = "") -> str:
 
 
 def host_is_healthy(host: dict) -> bool:
-    return is_alive(host["gunicorn_pid"]) and servers.status_of(host_url(host, "/healthz")) == 200
+    return servers.is_alive(host["gunicorn_pid"]) and servers.status_of(host_url(host, "/healthz")) == 200
 
 
 # --- HAProxy -------------------------------------------------------------------------
@@ -377,11 +333,11 @@ def cli() -> None:
 def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, replica: bool) -> None:
     """Start PostgreSQL, PgBouncer, the app hosts and HAProxy; print the balancer's URL last."""
     if load_state():
-        raise click.ClickException(f"a cluster is already up ({state_path()}): python deploy/cluster.py down")
+        raise click.ClickException(f"a cluster is already up ({state_path()}): python -m deploy.cluster down")
     if not direct:
         program("pgbouncer")
     program("haproxy")
-    if replica and (direct or os.environ.get("DATABASE_URL")):
+    if replica and (direct or Settings.from_env().database_url):
         raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
                                    "no --direct")
     CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
@@ -401,7 +357,7 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, r
         _tear_down(state)
         raise
     click.echo(f"{hosts} hosts x {workers} workers, {'straight to PostgreSQL' if direct else 'through PgBouncer'}; "
-               "python deploy/cluster.py status | down")
+               "python -m deploy.cluster status | down")
     click.echo(state["haproxy"]["url"])
 
 
@@ -473,7 +429,7 @@ def _with_alive(part: dict | None) -> dict | None:
     if part is None:
         return None
     external = part.get("pid") is None
-    return {**part, "running": True if external else is_alive(part["pid"])}
+    return {**part, "running": True if external else servers.is_alive(part["pid"])}
 
 
 @cli.command()
@@ -505,7 +461,7 @@ def restart(part: str) -> None:
         raise click.ClickException("no cluster with PgBouncer is up")
     started = time.monotonic()
     if part == "pgbouncer":
-        stop_pid(state["pgbouncer"]["pid"], grace=5)
+        servers.stop(state["pgbouncer"]["pid"], grace=5)
         run_pgbouncer(state)
     else:
         if not state["postgres"]["embedded"]:
@@ -514,9 +470,9 @@ def restart(part: str) -> None:
         database = make_url(state["postgres"]["url"]).database
         pgbouncer_admin(state["pgbouncer"], f"PAUSE {database}")  # returns once no transaction runs
         try:
-            embedded_pg.stop(pgdata)
-            embedded_pg.start(pgdata)
-            state["postgres"]["pid"] = embedded_pg.server_pid(pgdata)
+            embedded.stop(pgdata)
+            embedded.start(pgdata)
+            state["postgres"]["pid"] = embedded.server_pid(pgdata)
             save_state(state)
         finally:
             pgbouncer_admin(state["pgbouncer"], f"RESUME {database}")
@@ -536,21 +492,21 @@ def down() -> None:
 
 def _tear_down(state: dict) -> None:
     if state.get("haproxy"):
-        stop_pid(state["haproxy"]["pid"], grace=5)
+        servers.stop(state["haproxy"]["pid"], grace=5)
     for host in state["hosts"]:  # all at once: each drains its requests for up to 30 s
-        if is_alive(host["gunicorn_pid"]):
+        if servers.is_alive(host["gunicorn_pid"]):
             os.kill(host["gunicorn_pid"], signal.SIGTERM)
     for host in state["hosts"]:
-        stop_pid(host["gunicorn_pid"])
+        servers.stop(host["gunicorn_pid"])
         shutil.rmtree(host["metrics_dir"], ignore_errors=True)
     if state.get("pgbouncer"):
-        stop_pid(state["pgbouncer"]["pid"], grace=5)
+        servers.stop(state["pgbouncer"]["pid"], grace=5)
     if state.get("replica"):
-        embedded_pg.stop(Path(state["replica"]["pgdata"]))
+        embedded.stop(Path(state["replica"]["pgdata"]))
         shutil.rmtree(state["replica"]["pgdata"], ignore_errors=True)
     postgres = state.get("postgres") or {}
     if postgres.get("started"):
-        embedded_pg.stop(Path(postgres["pgdata"]))
+        embedded.stop(Path(postgres["pgdata"]))
     if state["namespaces"]:
         remove_network(Network(state["net"], namespaces=True), state["planned_hosts"])
     state_path().unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The multi-host job end to end: deploy/cluster.py up (PostgreSQL, PgBouncer, app hosts,
+# The multi-host job end to end: python -m deploy.cluster up (PostgreSQL, PgBouncer, app hosts,
 # HAProxy), `python loadtest.py 100` through the balancer, then down (every process by
 # its PID, every namespace removed). `make cluster` runs it after installing into .venv;
 # CLUSTER_ARGS go to `up` (default: --hosts 3), extra arguments to loadtest.py.
@@ -19,7 +19,7 @@ if missing pgbouncer || missing haproxy; then
 fi
 
 # shellcheck disable=SC2086
-url=$($PY deploy/cluster.py up ${CLUSTER_ARGS:---hosts 3} | tee /dev/stderr | tail -n 1)
-trap '$PY deploy/cluster.py down' EXIT
-$PY deploy/cluster.py status
+url=$($PY -m deploy.cluster up ${CLUSTER_ARGS:---hosts 3} | tee /dev/stderr | tail -n 1)
+trap '$PY -m deploy.cluster down' EXIT
+$PY -m deploy.cluster status
 $PY loadtest.py --url "$url" "${@:-100}"

@@ -9,7 +9,7 @@ PORT=${PORT:-8000}
 LOG=${DEMO_LOG:-gunicorn-demo.log}
 
 embedded=0
-[ -z "${DATABASE_URL:-}" ] && [ ! -f .pgdata/postmaster.pid ] && embedded=1
+[ -z "${DATABASE_URL:-}" ] && [ ! -f "${EMBEDDED_PGDATA:-.pgdata}/postmaster.pid" ] && embedded=1
 
 $PY seed.py
 .venv/bin/gunicorn app:app -k gevent -b "127.0.0.1:$PORT" >"$LOG" 2>&1 &
@@ -17,10 +17,10 @@ server_pid=$!
 stop() {
   kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
   echo "gunicorn (pid $server_pid) stopped; its log: $LOG"
-  if [ "$embedded" = 1 ]; then $PY embedded_pg.py stop; fi
+  if [ "$embedded" = 1 ]; then $PY -m greenflask.embedded stop; fi
 }
 trap stop EXIT
 
-$PY servers.py wait "http://127.0.0.1:$PORT"
+$PY -m greenflask.servers wait "http://127.0.0.1:$PORT"
 
 $PY loadtest.py --url "http://127.0.0.1:$PORT" "${@:-100}"

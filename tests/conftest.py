@@ -5,8 +5,6 @@ import asyncio
 import dataclasses
 import http.client
 import json
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,16 +14,14 @@ import aiohttp
 import pytest
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import db
+import loadtest
+import seed
+from app import create_app
+from greenflask import PROJECT_DIR, embedded, servers
+from greenflask.settings import Settings
 
-import db  # noqa: E402
-import embedded_pg  # noqa: E402
-import loadtest  # noqa: E402
-import seed  # noqa: E402
-import servers  # noqa: E402
-from app import create_app  # noqa: E402
-from config import Settings  # noqa: E402
+ROOT = PROJECT_DIR
 
 TEST_DATABASE = "greenflask_test"
 # The machine's own PostgreSQL allows 100 connections: keep each test server's pool small.
@@ -33,25 +29,25 @@ TEST_POOL_SIZE = "25"
 
 
 def pytest_report_header(config):
-    return f"database: {'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded PostgreSQL'}"
+    return f"database: {'DATABASE_URL' if Settings.from_env().database_url else 'embedded PostgreSQL'}"
 
 
 @pytest.fixture(scope="session")
 def database_url():
     """DATABASE_URL when set; else a test database on the embedded server (not the demo's).
     An embedded server the tests had to start is stopped again at the end."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
+    if url := Settings.from_env().database_url:
+        yield url
         return
-    was_running = embedded_pg.is_running()
-    yield embedded_pg.ensure_database(embedded_pg.start(), TEST_DATABASE)
+    was_running = embedded.is_running()
+    yield embedded.ensure_database(embedded.start(), TEST_DATABASE)
     if not was_running:
-        embedded_pg.stop()
+        embedded.stop()
 
 
 @pytest.fixture(scope="session")
 def engine(database_url):
-    engine = embedded_pg.script_engine(database_url)
+    engine = embedded.script_engine(database_url)
     yield engine
     engine.dispose()
 
@@ -178,7 +174,7 @@ class InProcess:
 def client(database_url):
     app = create_app(dataclasses.replace(Settings.from_env(), database_url=database_url, pool_size=2))
     yield InProcess(app)
-    db.database(app).engine.dispose()
+    db.engines(app).dispose()
 
 
 # --- servers -----------------------------------------------------------------------------
@@ -205,8 +201,8 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> int:
-        return servers.stop(self.process)
+    def stop(self) -> None:
+        servers.stop(self.pid)
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, in_background
 
-import embedded_pg
-import servers
 from deploy.cluster import pgbouncer_admin
+from greenflask import embedded, servers
+from greenflask.settings import Settings
 
-CLUSTER = [sys.executable, str(ROOT / "deploy" / "cluster.py")]
+CLUSTER = [sys.executable, "-m", "deploy.cluster"]
 NEEDED = [name for name in ("pgbouncer", "haproxy")
           if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
 pytestmark = [
@@ -44,12 +44,12 @@ def cluster_env():
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     env.update(HOST_ENV, CLUSTER_DIR=str(folder / "state"), CLUSTER_NET="10.78", EMBEDDED_PGDATA=str(pgdata))
     yield env
-    embedded_pg.stop(pgdata)
+    embedded.stop(pgdata)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_cluster(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLUSTER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLUSTER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def load(url: str, seconds: float, rate: int = 100) -> dict:
     command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(seconds), "/todos", "--url", url,
                "--quiet", "--json", str(report)]
     subprocess.run(command, cwd=ROOT, capture_output=True, timeout=seconds + 60)
-    figures = json.loads(report.read_text())
+    figures = json.loads(report.read_text())["reports"][0]
     report.unlink()
     return figures
 
@@ -229,10 +229,10 @@ def test_up_clears_what_a_killed_cluster_left_and_spares_a_live_one(cluster_env,
            "gf78-host2 and gf78-front and came up")
 
 
-@pytest.mark.skipif(not os.environ.get("DATABASE_URL"), reason="DATABASE_URL is not set")
+@pytest.mark.skipif(not Settings.from_env().database_url, reason="DATABASE_URL is not set")
 def test_up_with_database_url(cluster_env, figure):
     """PgBouncer in front of DATABASE_URL's server instead of the embedded one."""
-    url = embedded_pg.ensure_database(os.environ["DATABASE_URL"], "greenflask_cluster")
+    url = embedded.ensure_database(Settings.from_env().database_url, "greenflask_cluster")
     env = {**cluster_env, "DATABASE_URL": url}
     started = run_cluster(env, "up", "--hosts", "1", "--port", str(servers.free_port()))
     try:

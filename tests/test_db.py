@@ -1,4 +1,4 @@
-"""db.py in this process, against the real database: wait callback choice, engine per
+"""db.py and greenflask/engine.py in this process, against the real database: wait callback choice, engine per
 process, read-only sessions handing their connection back transactional."""
 
 import dataclasses
@@ -10,9 +10,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import db
-import embedded_pg
 from app import create_app
-from config import Settings
+from greenflask import embedded, green
+from greenflask.settings import Settings
 
 
 def settings_for(database_url: str, **changes) -> Settings:
@@ -24,20 +24,20 @@ def app(database_url):
     """An app on the test database with a pool of one, as the factory makes it."""
     app = create_app(settings_for(database_url, pool_size=1))
     yield app
-    db.database(app).engine.dispose()
+    db.engines(app).dispose()
     psycopg2.extensions.set_wait_callback(None)
 
 
 @pytest.fixture
 def app_engine(app):
-    return db.database(app).engine
+    return db.engines(app).primary
 
 
 @pytest.mark.parametrize(("mode", "installed"), [("auto", False), ("on", True), ("off", False)])
 def test_wait_callback_follows_gevent_patching(mode, installed):
-    assert not db.socket_is_green(), "pytest does not monkey-patch"
+    assert not green.socket_is_green(), "pytest does not monkey-patch"
     try:
-        assert db.install_wait_callback(settings_for(None, psycogreen=mode)) is installed
+        assert green.choose(settings_for(None, psycogreen=mode)) is installed
         assert (psycopg2.extensions.get_wait_callback() is not None) is installed
     finally:
         psycopg2.extensions.set_wait_callback(None)
@@ -48,7 +48,7 @@ def test_engine_is_made_again_after_fork(app, app_engine):
     child = os.fork()
     if child == 0:  # the child: a new engine, and a working connection of its own
         try:
-            fresh = db.database(app).engine
+            fresh = db.engines(app).primary
             with fresh.connect() as conn:
                 ok = fresh is not app_engine and conn.scalar(text("SELECT 1")) == 1
             os.write(write_end, b"1" if ok else b"0")
@@ -58,7 +58,7 @@ def test_engine_is_made_again_after_fork(app, app_engine):
     answer = os.read(read_end, 1)
     os.waitpid(child, 0)
     assert answer == b"1"
-    assert db.database(app).engine is app_engine, "the parent keeps its own"
+    assert db.engines(app).primary is app_engine, "the parent keeps its own"
 
 
 def test_read_only_session_returns_its_connection_transactional(app, app_engine):
@@ -90,7 +90,7 @@ def test_several_processes_starting_the_embedded_server_at_once_share_one(tmp_pa
     from conftest import ROOT
 
     pgdata = tmp_path / "pgdata"
-    script = f"import embedded_pg, pathlib; print(embedded_pg.start(pathlib.Path({str(pgdata)!r})))"
+    script = f"from greenflask import embedded; import pathlib; print(embedded.start(pathlib.Path({str(pgdata)!r})))"
     starters = [
         subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)
     ]
@@ -101,7 +101,7 @@ def test_several_processes_starting_the_embedded_server_at_once_share_one(tmp_pa
         postmaster_pid = int((pgdata / "postmaster.pid").read_text().split()[0])
         assert os.path.exists(f"/proc/{postmaster_pid}")
     finally:
-        embedded_pg.stop(pgdata)
+        embedded.stop(pgdata)
     assert not (pgdata / "postmaster.pid").exists()
 
 

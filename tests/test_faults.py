@@ -13,7 +13,7 @@ import pytest
 from conftest import in_background, request, send_many
 from faultproxy import FaultProxy
 
-import db
+from greenflask import engine
 
 CONNECT_BOUND = 1.0
 STATEMENT_BOUND = 2.0 + 1.0
@@ -88,7 +88,7 @@ def checked_out_when_idle(server, within: float = 5) -> int:
 def test_stall_mid_query_answers_504_and_recovers(proxied_server, proxy, figure):
     server = proxied_server("-k", "gevent")
     assert server.get("/todos").status == 200
-    time.sleep(db.LIVENESS_BYPASS_SECONDS + 0.2)  # so the new requests below find no unchecked connection
+    time.sleep(engine.LIVENESS_BYPASS_SECONDS + 0.2)  # so the new requests below find no unchecked connection
     in_flight = in_background(timed, send_many, "GET", server.url("/sleep/postgres/?seconds=1"), [None] * 5)
     time.sleep(0.3)
     proxy.set_mode("stall")
@@ -113,7 +113,7 @@ def test_stall_mid_query_answers_504_and_recovers(proxied_server, proxy, figure)
 def test_stall_between_requests_answers_503_and_recovers(proxied_server, proxy, figure):
     server = proxied_server("-k", "gevent")
     assert {answer.status for answer in send_many("GET", server.url("/todos"), [None] * 10)} == {200}
-    time.sleep(db.LIVENESS_BYPASS_SECONDS + 0.2)  # idle long enough to be checked on checkout
+    time.sleep(engine.LIVENESS_BYPASS_SECONDS + 0.2)  # idle long enough to be checked on checkout
     proxy.set_mode("stall")
     new, new_seconds = timed(send_many, "GET", server.url("/todos"), [None] * 10)
     healthz, healthz_seconds = timed(server.get, "/healthz")

@@ -6,7 +6,6 @@ database's socket folder (the embedded server) or `postgres`. It is stopped by i
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,9 +16,8 @@ from conftest import assert_error, burst
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-import embedded_pg
-import servers
 from deploy import cluster
+from greenflask import PROJECT_DIR, embedded, servers
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 DATABASE = "greenflask_pgbouncer"
@@ -34,8 +32,8 @@ def pgbouncer(database_url):
     """PgBouncer (pool_mode = transaction, default_pool_size 10) in front of the test server,
     for a database of its own; yields the app's URL through it."""
     server_url = make_url(database_url)
-    db_url = embedded_pg.ensure_database(database_url, DATABASE)
-    engine = embedded_pg.script_engine(db_url)
+    db_url = embedded.ensure_database(database_url, DATABASE)
+    engine = embedded.script_engine(db_url)
     # Straight to the server, before PgBouncer opens server connections: a database setting
     # applies to the sessions opened after it.
     seeded = run_seed({"DATABASE_URL": db_url, "DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500"})
@@ -54,16 +52,14 @@ def pgbouncer(database_url):
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if os.geteuid() == 0:
         command[1:1] = ["-u", cluster.run_as_user(server)]
-    with open(folder / "pgbouncer.log", "wb") as log_file:  # PgBouncer logs to stderr
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    process = servers.spawn(command, folder / "pgbouncer.log")  # PgBouncer logs to stderr
     url = server_url.set(host="127.0.0.1", port=port, database=DATABASE, query={})
     try:
-        cluster.wait_for(lambda: cluster.port_open("127.0.0.1", port) or process.poll() is not None, "PgBouncer")
+        servers.wait_until(lambda: servers.port_open("127.0.0.1", port) or process.poll() is not None, "PgBouncer")
         assert process.poll() is None, (folder / "pgbouncer.log").read_text()
         yield url.render_as_string(hide_password=False), folder / "pgbouncer.log"
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(10)
+        servers.stop(process.pid, grace=10)
         with engine.connect() as conn:
             conn.execute(text(f"ALTER DATABASE {DATABASE} RESET statement_timeout"))
             conn.commit()
@@ -72,7 +68,7 @@ def pgbouncer(database_url):
 
 
 def run_seed(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "seed.py", "--reset"], cwd=servers.PROJECT_DIR,
+    return subprocess.run([sys.executable, "seed.py", "--reset"], cwd=PROJECT_DIR,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 

@@ -20,20 +20,20 @@ from conftest import (
 )
 from sqlalchemy import text
 
-import embedded_pg
 import seed
+from greenflask import embedded
 
 
 @pytest.fixture(scope="module")
 def own_postgres(tmp_path_factory):
     """An embedded PostgreSQL only this module uses; stopped by its own pg_ctl at the end."""
     pgdata = tmp_path_factory.mktemp("own") / "pgdata"
-    url = embedded_pg.ensure_database(embedded_pg.start(pgdata), "greenflask")
-    engine = embedded_pg.script_engine(url)
+    url = embedded.ensure_database(embedded.start(pgdata), "greenflask")
+    engine = embedded.script_engine(url)
     seed.seed(engine)
     yield pgdata, url, engine
     engine.dispose()
-    embedded_pg.stop(pgdata)
+    embedded.stop(pgdata)
 
 
 def test_database_stopped_then_back(own_postgres, start_server, figure):
@@ -44,19 +44,19 @@ def test_database_stopped_then_back(own_postgres, start_server, figure):
         assert {o.status for o in burst(server.url("/todos"), 10)[0]} == {200}
         in_flight = in_background(send_many, "GET", server.url("/sleep/postgres/?seconds=3"), [None] * 5)
         time.sleep(0.5)
-        embedded_pg.stop(pgdata)
+        embedded.stop(pgdata)
         in_flight.join()
         started = time.monotonic()
         while_down = send_many("GET", server.url("/todos"), [None] * 20)
         down_wall = time.monotonic() - started
         healthz_down = server.get("/healthz")
-        embedded_pg.start(pgdata)
+        embedded.start(pgdata)
         first_after = server.get("/todos")
         after = send_many("GET", server.url("/todos"), [None] * 50)
         same_worker = server.stats()["pid"] == worker_pid
     finally:
         server.stop()
-        embedded_pg.start(pgdata)  # for the module's other tests, whatever happened above
+        embedded.start(pgdata)  # for the module's other tests, whatever happened above
 
     for answer in [*in_flight.result, *while_down, healthz_down]:
         assert answer.status == 503, answer

@@ -1,4 +1,4 @@
-"""sizing.py: the pool arithmetic for several hosts, with and without PgBouncer."""
+"""greenflask/sizing.py: the pool arithmetic for several hosts, with and without PgBouncer."""
 
 import subprocess
 import sys
@@ -8,7 +8,8 @@ from conftest import ROOT
 
 def sizing(*args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin"}  # no DB_* or WEB_CONCURRENCY from the caller
-    return subprocess.run([sys.executable, "sizing.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "greenflask.sizing", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
 
 
 def test_four_hosts_straight_to_a_stock_server_do_not_fit():

@@ -35,22 +35,19 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import loadtest
+import seed
+from greenflask import PROJECT_DIR, embedded, servers
+from greenflask.settings import Settings, Tools
 
-import db  # noqa: E402
-import embedded_pg  # noqa: E402
-import loadtest  # noqa: E402
-import seed  # noqa: E402
-import servers  # noqa: E402
-from config import Settings  # noqa: E402
-
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+ROOT = PROJECT_DIR
+TOOLS = Tools.from_env()
+RUNS = TOOLS.bench_runs
 # The issue allows 1 or 2 s sleeps; both are measured: a fixed cost per request weighs half as
 # much against a 2 s sleep.
-SLEEPS = tuple(float(value) for value in os.environ.get("BENCH_SECONDS", "1,2").split(","))
-ORIGINAL_SLEEP = float(os.environ.get("BENCH_ORIGINAL_SECONDS", "5"))
-WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "8"))
+SLEEPS = TOOLS.bench_seconds
+ORIGINAL_SLEEP = TOOLS.bench_original_seconds
+WRK_SECONDS = TOOLS.bench_wrk_seconds
 PROCESSES = "2"
 OPEN_LOOP_RATES = (500, 1000, 1500, 2000, 2500, 3000, 4000)
 OPEN_LOOP_SECONDS = 4
@@ -76,7 +73,7 @@ def server(worker_args: list[str], env: dict | None = None, wsgi_app: str = "app
         servers.wait_until_ready(base_url, process, path=ready_path)
         yield base_url, process.pid
     finally:
-        servers.stop(process)
+        servers.stop(process.pid)
 
 
 def libpq_dsn(url: str) -> str:
@@ -168,14 +165,10 @@ def wrk_with_cpu(url: str, server_pid: int) -> dict:
 
 def loadtest_closed_loop(url: str, connections: int = 64) -> float:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, str(ROOT / "loadtest.py"), "-c", str(connections), "-d", str(WRK_SECONDS),
+        command = [sys.executable, "loadtest.py", "-c", str(connections), "-d", str(WRK_SECONDS),
                    "/todos", "--url", url, "--json", out.name]
         subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return json.loads(Path(out.name).read_text())["reports"][0]["requests_per_second"]
-
-
-def median(values) -> float:
-    return statistics.median(values)
 
 
 # --- the four sections ---------------------------------------------------------------------
@@ -249,16 +242,16 @@ def throughput(url: str) -> list[dict]:
         for _ in range(RUNS):
             for name, (base, pid) in started.items():
                 figures[name].append(wrk_with_cpu(base + "/todos", pid))
-    floor = median(run["rps"] for run in figures["raw WSGI + psycopg2 + psycogreen (floor)"])
+    floor = statistics.median(run["rps"] for run in figures["raw WSGI + psycopg2 + psycogreen (floor)"])
     return [
         {
             "server": name,
-            "rps": median(run["rps"] for run in runs),
-            "p99_ms": median(run["p99_ms"] for run in runs),
+            "rps": statistics.median(run["rps"] for run in runs),
+            "p99_ms": statistics.median(run["p99_ms"] for run in runs),
             "non_2xx": sum(run["non_2xx"] for run in runs),
-            "of_floor": median(run["rps"] for run in runs) / floor,
-            "server_us": median(run["server_us"] for run in runs),
-            "postgres_us": median(run["postgres_us"] for run in runs),
+            "of_floor": statistics.median(run["rps"] for run in runs) / floor,
+            "server_us": statistics.median(run["server_us"] for run in runs),
+            "postgres_us": statistics.median(run["postgres_us"] for run in runs),
             "body_bytes": len(bodies[name]),
         }
         for name, runs in figures.items()
@@ -276,7 +269,7 @@ def client_capacity(url: str) -> dict:
             runs["wrk -t1 -c64"].append(wrk(base_url + "/todos", threads=1)["rps"])
             runs["loadtest.py -c 64"].append(loadtest_closed_loop(base_url))
         schedule = open_loop_capacity(base_url)
-    return {"closed": {name: median(values) for name, values in runs.items()}, "open": schedule}
+    return {"closed": {name: statistics.median(values) for name, values in runs.items()}, "open": schedule}
 
 
 def open_loop_capacity(base_url: str) -> list[dict]:
@@ -286,10 +279,10 @@ def open_loop_capacity(base_url: str) -> list[dict]:
     rows = []
     for rate in OPEN_LOOP_RATES:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, str(ROOT / "loadtest.py"), "--rate", str(rate), "-d", str(OPEN_LOOP_SECONDS),
+            command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(OPEN_LOOP_SECONDS),
                        "/todos", "--url", base_url, "--json", out.name]
             subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
-            report = json.loads(Path(out.name).read_text())
+            report = json.loads(Path(out.name).read_text())["reports"][0]
         rows.append({"rate": rate, "achieved": report["rate_achieved"],
                      "late": report["late_sends"] / max(report["requests"], 1),
                      "p99_ms": report["latency_corrected"]["p99"] * 1000})
@@ -305,7 +298,7 @@ def _body(url: str) -> bytes:
 
 
 def machine_facts(url: str) -> list[str]:
-    engine = embedded_pg.script_engine(url)
+    engine = embedded.script_engine(url)
     with engine.connect() as conn:
         server_version = conn.scalar(text("SHOW server_version"))
     engine.dispose()
@@ -318,7 +311,7 @@ def machine_facts(url: str) -> list[str]:
     return [
         f"- {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}; {packages}",
-        f"- PostgreSQL {server_version} ({'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded'})",
+        f"- PostgreSQL {server_version} ({'DATABASE_URL' if Settings.from_env().database_url else 'embedded'})",
         f"- {wrk_version}; every figure the median of {RUNS} runs, compared runs alternating",
     ]
 
@@ -370,8 +363,8 @@ def render(facts, efficiency, original, speed, client) -> str:
 
 
 def main() -> None:
-    url = db.database_url(Settings.from_env())
-    seed.seed(embedded_pg.script_engine(url), reset=True)
+    url = embedded.database_url(Settings.from_env())
+    seed.seed(embedded.script_engine(url), reset=True)
     print(f"benchmarking against {make_url(url).render_as_string(hide_password=True)}; server log: {LOG}", flush=True)
     facts = machine_facts(url)
     print("1/4 concurrency efficiency ...", flush=True)
@@ -384,7 +377,7 @@ def main() -> None:
     client = client_capacity(url)
     report = render(facts, efficiency, original, speed, client)
     print(report)
-    target = Path(os.environ.get("BENCH_OUTPUT", ROOT / "BENCHMARKS.md"))
+    target = TOOLS.bench_output
     existing = target.read_text() if target.exists() else ""
     notes = existing[existing.index("## Notes"):] if "## Notes" in existing else ""
     target.write_text(report + ("\n" + notes if notes else ""))

@@ -19,11 +19,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-import metrics
+from greenflask import PROJECT_DIR, metrics
 
 log = logging.getLogger("greenflask.loop")
 
-PROJECT_DIR = Path(__file__).resolve().parent
+# The project's own files: the app at the top and this package.
+OWN_FOLDERS = (PROJECT_DIR, Path(__file__).resolve().parent)
 _reports: deque = deque()  # (monotonic time, greenlet id, stack lines), from the monitor thread
 _period = 0.1
 _current: dict | None = None  # the block being grouped: first/last report, greenlet, frames
@@ -115,7 +116,7 @@ def project_frames(report: list[str], most: int = 3) -> str:
             break
         elif in_blocked_stack and text.startswith('File "'):
             path, _, rest = text[len('File "'):].partition('", line ')
-            if Path(path).parent == PROJECT_DIR:
+            if Path(path).parent in OWN_FOLDERS:
                 number, _, function = rest.partition(", in ")
                 frames.append(f"{Path(path).name}:{number} in {function}")
     return " < ".join(reversed(frames[-most:]))

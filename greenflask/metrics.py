@@ -11,7 +11,6 @@ and it does the multiprocess bookkeeping (which gauges sum over live workers onl
 would otherwise be the hard part.
 """
 
-import os
 import time
 
 from flask import Flask, request
@@ -90,9 +89,10 @@ def _request_ended(error: BaseException | None = None) -> None:
         IN_FLIGHT.dec()
 
 
-def exposition() -> tuple[bytes, str]:
-    """The text format for GET /metrics: every live worker's values when under gunicorn."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+def exposition(multiprocess_dir: str | None) -> tuple[bytes, str]:
+    """The text format for GET /metrics: every live worker's values when under gunicorn
+    (PROMETHEUS_MULTIPROC_DIR set), else this process's."""
+    if multiprocess_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:

@@ -10,16 +10,20 @@ half-dead load balancer), would hold the request and its pooled connection forev
 So each wait gets a bound, by phase:
 
 * connect: `DB_CONNECT_TIMEOUT` (what libpq's connect_timeout does in blocking mode);
-* liveness: the same bound, for the `SELECT 1` on a pooled connection (`bounded()`, in db.py);
+* liveness: the same bound, for the `SELECT 1` on a pooled connection (`bounded()`, in engine.py);
 * statement: `DB_STATEMENT_TIMEOUT` plus a margin, so that a live server's own
   statement_timeout answers first (a clean 504 that keeps the connection).
 
 When a bound passes, the callback raises `DatabaseTimeout`. psycopg2 then closes the
 connection (its "green panic"), so it can never go back to the pool half-way through a
 conversation, and SQLAlchemy sees a closed connection and discards it.
+
+Which callback a process gets is chosen here too (`choose`), on the engine's first use in
+that process: after gunicorn's gevent worker has monkey-patched, never at import.
 """
 
 import contextlib
+import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -59,6 +63,33 @@ def install(bounds: Bounds) -> None:
     global _bounds
     _bounds = bounds
     psycopg2.extensions.set_wait_callback(wait_with_bounds)
+
+
+def socket_is_green() -> bool:
+    """True when gevent has monkey-patched `socket` in this process."""
+    if "gevent" not in sys.modules:
+        return False
+    from gevent import monkey
+
+    return monkey.is_module_patched("socket")
+
+
+def choose(settings) -> bool:
+    """The bounded green callback when PSYCOGREEN is on, or auto under gevent; whether it is.
+
+    Otherwise none: libpq blocks the process while it waits, which is the point of the
+    sync worker and of the PSYCOGREEN=0 demonstration.
+    """
+    mode = settings.psycogreen
+    if mode == "on" or (mode == "auto" and socket_is_green()):
+        install(Bounds.from_settings(settings))
+        return True
+    psycopg2.extensions.set_wait_callback(None)
+    return False
+
+
+def installed() -> bool:
+    return psycopg2.extensions.get_wait_callback() is not None
 
 
 @contextlib.contextmanager

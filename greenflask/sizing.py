@@ -1,7 +1,7 @@
 """The pool arithmetic for a planned deployment, and whether it fits the server.
 
-    python sizing.py --hosts 4 --workers 2                    # straight to PostgreSQL
-    python sizing.py --hosts 4 --workers 2 --pgbouncer-pool 20  # through PgBouncer
+    python -m greenflask.sizing --hosts 4 --workers 2                     # straight to PostgreSQL
+    python -m greenflask.sizing --hosts 4 --workers 2 --pgbouncer-pool 20  # through PgBouncer
 
 Every app worker holds a pool of its own, so hosts x workers x (pool_size + max_overflow)
 connections can be open at once. Straight to PostgreSQL they must fit in max_connections
@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from config import Settings, env_number
+from greenflask.settings import Server, Settings
 
 
 def app_connections(hosts: int, workers: int, pool_size: int, max_overflow: int) -> int:
@@ -68,7 +68,7 @@ def main(hosts, workers, pool_size, max_overflow, max_connections, reserved, pgb
     settings = Settings.from_env()
     lines, fits = budget_lines(
         hosts,
-        workers or env_number("WEB_CONCURRENCY", 1, minimum=1),
+        workers or Server.from_env().web_concurrency,
         pool_size or settings.pool_size,
         settings.max_overflow if max_overflow is None else max_overflow,
         max_connections,
