@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.suite
+	$(PY) -m bench.scale
 
 cluster-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

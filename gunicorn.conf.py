@@ -18,6 +18,11 @@ workers = _server.web_concurrency
 # only when its event loop is blocked this long (PSYCOGREEN=0 with many pg_sleeps).
 timeout = _server.gunicorn_timeout
 graceful_timeout = 30
+# Past these a burst waits, or is closed, unanswered (docs/scaling.md): gunicorn's defaults are 1,000
+# connections, a backlog of 2,048 and a 2 s keep-alive.
+worker_connections = _server.worker_connections
+backlog = _server.backlog
+keepalive = _server.keepalive
 # gunicorn 27 opens a control socket at a fixed path by default; servers side by side
 # (tests, benchmarks) would fight over it.
 control_socket_disable = True
@@ -45,22 +50,46 @@ else:
 
 
 def on_starting(server):
-    """In the master, before any fork: print the settings, start the embedded database once."""
-    from greenflask import embedded
+    """In the master, before any fork: print the settings, raise the open-file limit the
+    workers inherit, start the embedded database once."""
+    from greenflask import embedded, limits
 
-    server.log.info("greenflask settings: %s workers=%d timeout=%ds", _settings.describe(), workers, timeout)
+    server.log.info("greenflask settings: %s workers=%d timeout=%ds worker_connections=%d backlog=%d keepalive=%ds",
+                    _settings.describe(), workers, timeout, worker_connections, backlog, keepalive)
     server.log.info("metrics of all workers in %s", _metrics_dir)
+    before, _ = limits.open_files()
+    soft, _ = limits.raise_open_files(_open_files_needed(server.cfg.worker_connections))
+    if soft != before:
+        server.log.info("open files: soft limit raised from %d to %d", before, soft)
     if not _settings.database_url:
         server.log.info("embedded PostgreSQL: %s", embedded.embedded_url())
 
 
-def post_worker_init(worker):
-    """In each worker, after gevent's monkey-patching: the server check makes the engines
-    (choosing the wait callback and logging the mode) and warns when the pools cannot fit
-    in the server's max_connections; a gevent worker starts the event-loop block detector."""
-    import db
-    from greenflask import green, loopblock
+def _open_files_needed(connections: int) -> int:
+    """A worker's client connections, its pools (two with a read replica) and the rest."""
+    from greenflask import limits
 
+    pools = 2 if _settings.database_read_url else 1
+    return connections + pools * (_settings.pool_size + _settings.max_overflow) + limits.SPARE
+
+
+def post_worker_init(worker):
+    """In each worker, after gevent's monkey-patching: count its client connections; warn
+    when its open-file limit cannot hold them and its pool; the server check makes the
+    engines (choosing the wait callback and logging the mode) and warns when the pools
+    cannot fit in the server's max_connections; a gevent worker starts the event-loop
+    block detector."""
+    import db
+    from greenflask import connections, green, limits, loopblock
+
+    limit = connections.track(worker)
+    needed, (soft, hard) = _open_files_needed(limit), limits.open_files()
+    if soft < needed:
+        worker.log.warning(
+            "open files: limit %d cannot hold %d client connections + pool %d + %d spare = %d; "
+            "raise `ulimit -n` (hard limit %d) or lower GUNICORN_WORKER_CONNECTIONS",
+            soft, limit, needed - limit - limits.SPARE, limits.SPARE, needed, hard,
+        )
     db.engines(worker.wsgi).check_server(worker.cfg.workers)
     if green.socket_is_green() and _settings.loop_block_warn_ms > 0:
         loopblock.start(_settings.loop_block_warn_ms)

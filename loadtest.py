@@ -16,6 +16,7 @@ the structure wrk2 and vegeta use); click reads the command line, as in every sc
 """
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from greenflask import PROJECT_DIR, servers
+from greenflask import PROJECT_DIR, limits, servers
 from greenflask.settings import Tools
 
 ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/"}
@@ -62,6 +63,20 @@ class ServerUnreachable(Exception):
     pass
 
 
+def ensure_open_files(connections: int) -> None:
+    """Raise this process's soft limit on open files to hold `connections` sockets at once,
+    as far as the hard limit allows; stop with one line naming `ulimit -n` when it cannot."""
+    needed = connections + limits.SPARE
+    soft, hard = limits.raise_open_files(needed)
+    if soft < needed:
+        raise NotEnoughOpenFiles(f"{connections} connections need {needed} open files and this shell allows "
+                                 f"{soft} (hard limit {hard}): raise it first, e.g. `ulimit -n {needed}`")
+
+
+class NotEnoughOpenFiles(Exception):
+    pass
+
+
 class MatrixSetupFailed(Exception):
     """--matrix could not seed the database or start a server: a one-line reason, exit 2."""
 
@@ -79,6 +94,7 @@ class Outcome:
     status: int | None
     error: str | None = None
     late: float = 0.0
+    code: str | None = None  # a 4xx/5xx's error code, from the project's JSON error body
 
     @property
     def corrected(self) -> float:
@@ -109,27 +125,48 @@ def client_session(timeout: float) -> aiohttp.ClientSession:
     )
 
 
-async def check_reachable(session: aiohttp.ClientSession, base_url: str) -> None:
-    """Any HTTP answer (even a 404) means the server is up; a refused connection does not."""
-    try:
-        async with session.get(base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=3)) as response:
-            await response.read()
-    except (TimeoutError, aiohttp.ClientConnectionError) as error:
-        raise ServerUnreachable(f"cannot reach {base_url} ({error_kind(error)})") from None
+async def probe(base_url: str) -> dict | None:
+    """Whether the server is up (any HTTP answer, even a 404, means it is; a refused
+    connection does not), and its GET /stats (its limits), or None from a server without.
+    On connections of its own, closed before the run, so that every request of a burst
+    starts alike (a kept-alive one would answer first and look like a wave of its own)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3)) as session:
+        try:
+            async with session.get(base_url + "/healthz") as response:
+                await response.read()
+        except (TimeoutError, aiohttp.ClientConnectionError) as error:
+            raise ServerUnreachable(f"cannot reach {base_url} ({error_kind(error)})") from None
+        try:
+            async with session.get(base_url + "/stats") as response:
+                return await response.json() if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return None
 
 
 async def fetch(session: aiohttp.ClientSession, url: str, started: float, intended: float | None = None) -> Outcome:
     """One GET, the one request function of every mode. `intended`: when the schedule wanted it sent."""
     sent = time.perf_counter()
+    code = None
     try:
         async with session.get(url) as response:
-            await response.read()
+            body = await response.read()
             status, error = response.status, None
+            if status >= 400:
+                code = error_code(body)
     except (TimeoutError, aiohttp.ClientError, OSError) as caught:
         status, error = None, error_kind(caught)
     now = time.perf_counter()
     late = max(0.0, sent - intended) if intended is not None else 0.0  # up to SLEEP_OVERSHOOT early counts as on time
-    return Outcome(done_at=now - started, latency=now - sent, status=status, error=error, late=late)
+    return Outcome(done_at=now - started, latency=now - sent, status=status, error=error, late=late, code=code)
+
+
+def error_code(body: bytes) -> str | None:
+    """`pool_exhausted` from `{"error": {"code": "pool_exhausted", ...}}`; None from any other body."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def burst(session, url: str, count: int, on_outcome=None) -> tuple[list[Outcome], float]:
@@ -187,6 +224,7 @@ class Report:
     ideal: float | None
     statuses: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    error_codes: dict = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
     requests_per_second: float = 0.0
     concurrency: float = 0.0
@@ -194,6 +232,7 @@ class Report:
     waves: list = field(default_factory=list)
     ok_waves: list = field(default_factory=list)
     done_times: list = field(default_factory=list)
+    wall_named: str | None = None  # which of the server's limits the waves match
     # The open loop's: the rate asked and achieved, sends more than LATE_SEND late, and the
     # latency from the intended send time (corrected) beside the one from the actual send.
     rate_asked: float | None = None
@@ -226,6 +265,7 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
         ideal=seconds,
         statuses=tally(o.status for o in outcomes if o.status is not None),
         errors=tally(o.error for o in outcomes if o.error),
+        error_codes=tally(o.code for o in outcomes if o.code),
         latency=percentiles(latencies),
         requests_per_second=len(outcomes) / wall if wall else 0.0,
         concurrency=sum(latencies) / wall if wall else 0.0,
@@ -245,6 +285,68 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
     return report
 
 
+def name_the_wall(waves: list[int], stats: dict | None, route: str) -> str | None:
+    """Which of the server's limits a burst's waves of 2xx match, from its GET /stats:
+    'waves of 1000: the worker's connection limit (GUNICORN_WORKER_CONNECTIONS 1000)'.
+    None for one wave, or a server without /stats. A wave may come split in two by a few
+    early answers, so the sums of neighbours count too."""
+    if len(waves) < 2 or not stats:
+        return None
+    sizes = set(waves) | {first + second for first, second in itertools.pairwise(waves)}
+    connections, pool = stats.get("connections") or {}, stats.get("pool") or {}
+    workers = connections.get("workers") or 1
+    per = f" x {workers} workers" if workers > 1 else ""
+    candidates = []
+    if connections.get("limit") == 1:
+        candidates.append((workers, f"the sync worker answers one request at a time{per}"))
+    elif connections.get("limit"):
+        candidates.append((connections["limit"] * workers,
+                           f"the worker's connection limit (GUNICORN_WORKER_CONNECTIONS {connections['limit']}{per})"))
+    if route == "postgres" and not stats.get("wait_callback"):
+        candidates.append((workers, f"pg_sleep blocks the worker: no wait callback (PSYCOGREEN){per}"))
+    if route == "postgres" and pool.get("size"):
+        most = pool["size"] + pool.get("max_overflow", 0)
+        candidates.append((most * workers, f"the pool (DB_POOL_SIZE {pool['size']} + DB_MAX_OVERFLOW "
+                                           f"{pool.get('max_overflow', 0)}{per})"))
+    for size, name in candidates:
+        if any(abs(seen - size) <= max(2, size // 100) for seen in sizes):
+            return f"waves of {size}: {name}"
+    known = ", ".join(f"{size}" for size, _ in candidates) or "none"
+    if stats.get("pgbouncer"):
+        return (f"waves of about {max(waves)}: none of the app's limits ({known}); behind PgBouncer, its "
+                "default_pool_size?")
+    return (f"uneven waves, none of the server's limits ({known}): answers spread by CPU, the server's and this "
+            "client's (docs/scaling.md)")
+
+
+def name_the_503s(error_codes: dict, stats: dict | None) -> str | None:
+    """'503 pool_exhausted x 297: waited past DB_POOL_TIMEOUT (3 s) for one of the pool's 100 connections'."""
+    count = error_codes.get("pool_exhausted")
+    pool = (stats or {}).get("pool")
+    if not count or not pool:
+        return None
+    return (f"pool_exhausted x {count}: waited past DB_POOL_TIMEOUT ({pool['timeout']:g} s) for one of the "
+            f"pool's {pool['size']} connections")
+
+
+def name_the_disconnects(errors: dict, stats: dict | None) -> str | None:
+    """Connections the server closed unanswered: gunicorn's gevent worker gives a connection's
+    request `keepalive` seconds to arrive once it starts reading, and closes it after."""
+    count = errors.get("disconnected")
+    keepalive = ((stats or {}).get("connections") or {}).get("keepalive")
+    if not count or keepalive is None:
+        return None
+    return (f"disconnected x {count}: closed unanswered, their request not read within gunicorn's keepalive "
+            f"({keepalive} s, GUNICORN_KEEPALIVE)")
+
+
+def name_walls(report: "Report", stats: dict | None) -> str | None:
+    """The limits a burst met, from its waves, its 503s and its disconnects, in one line; None for none."""
+    named = [name_the_wall(report.ok_waves, stats, report.name), name_the_503s(report.error_codes, stats),
+             name_the_disconnects(report.errors, stats)]
+    return "; ".join(name for name in named if name) or None
+
+
 # --- printing ----------------------------------------------------------------------------
 
 
@@ -256,6 +358,8 @@ def response_line(outcome: Outcome) -> str:
 
 def print_summary(report: Report) -> None:
     statuses = "  ".join(f"{status} x {count}" for status, count in report.statuses.items())
+    if report.error_codes:
+        statuses += f" ({', '.join(f'{code} x {count}' for code, count in report.error_codes.items())})"
     errors = "  ".join(f"{kind} x {count}" for kind, count in report.errors.items())
     colour = "green" if report.all_ok else "red"
     errors_shown = f"   [red]errors: {errors}[/]" if errors else ""
@@ -275,6 +379,8 @@ def print_summary(report: Report) -> None:
         if report.ok_waves != report.waves:
             line += f"; of the 2xx answers: {describe_waves(report.ok_waves)}"
         console.print(line)
+    if report.wall_named:
+        console.print(f"  [bold]wall[/]      {report.wall_named}")
 
 
 def print_schedule(report: Report) -> None:
@@ -344,14 +450,15 @@ def save_plot(reports: list[Report], path: str) -> None:
 async def run_routes(base_url: str, count: int, seconds: float, routes: list[str], timeout: float, quiet: bool):
     """What the original client did, plus a summary per route."""
     reports = []
+    stats = await probe(base_url)
     async with client_session(timeout) as session:
-        await check_reachable(session, base_url)
         for name in routes:
             url = f"{base_url}{ROUTES[name]}?seconds={seconds:g}"
             print(f"Sending {count} requests for {url}...", flush=True)
             outcomes, wall = await _burst_with_output(session, url, count, quiet)
             print(f"\t= {wall:5.2f}s TOTAL", flush=True)
             report = summarize(name, url, outcomes, wall, seconds)
+            report.wall_named = name_walls(report, stats)
             if not quiet:
                 print_summary(report)
                 print_timeline(report)
@@ -385,8 +492,8 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
             if outcome.error:
                 await asyncio.sleep(ERROR_BACKOFF)  # a refused connection must not spin the loop
 
+    await probe(base_url)
     async with client_session(timeout) as session:
-        await check_reachable(session, base_url)
         started = time.perf_counter()
         await asyncio.gather(*(worker(session, started, started + duration) for _ in range(concurrency)))
         wall = time.perf_counter() - started
@@ -404,8 +511,8 @@ async def open_loop(base_url: str, path: str, rate: float, duration: float, time
     interval = 1 / rate
     count = max(1, round(rate * duration))
     tasks: list[asyncio.Task] = []
+    await probe(base_url)
     async with client_session(timeout) as session:
-        await check_reachable(session, base_url)
         with Progress(TextColumn("{task.description}"), console=console, transient=True, disable=quiet) as progress:
             line = progress.add_task("", total=count)
             started = time.perf_counter()
@@ -614,6 +721,11 @@ def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, conc
         if count < 1:
             raise click.UsageError("N must be >= 1")
     try:
+        # At most this many sockets at once: a burst's N, the closed loop's workers, the open
+        # loop's requests in flight (each ends by --timeout), the matrix's N.
+        in_flight = {"burst": lambda: count, "closed": lambda: concurrency, "matrix": lambda: matrix,
+                     "open": lambda: round(rate * min(duration, timeout))}[mode]()
+        ensure_open_files(in_flight)
         if mode == "matrix":
             rows, reports = asyncio.run(run_matrix(matrix, seconds, timeout, Tools.from_env().loadtest_server_log))
             print_matrix(rows, matrix, seconds)
@@ -640,6 +752,9 @@ def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, conc
         return 2
     except MatrixSetupFailed as error:
         print(f"loadtest.py --matrix: {error}", file=sys.stderr)
+        return 2
+    except NotEnoughOpenFiles as error:
+        print(f"loadtest.py: {error}", file=sys.stderr)
         return 2
     if json_path:
         write_json(json_path, {"mode": mode, "url": None if mode == "matrix" else url, "all_ok": ok,

@@ -9,7 +9,7 @@ import db
 import models
 import validation
 from errors import not_found
-from greenflask import green, loopblock, metrics, settings
+from greenflask import connections, green, limits, loopblock, metrics, settings
 
 bp = Blueprint("todos", __name__)
 
@@ -80,14 +80,17 @@ def healthz():
 
 @bp.get("/stats")
 def stats():
-    """This host and worker's mode, pool and event-loop blocks, without taking a connection
-    (but one to ask a read replica, when there is one, its lag)."""
+    """This host and worker's mode, pool, client connections against their limit and
+    event-loop blocks, without taking a connection (but one to ask a read replica, when
+    there is one, its lag)."""
     return jsonify(
         host=settings.current().host_name,
         pid=os.getpid(),
         worker_class="gevent" if green.socket_is_green() else "sync",
         wait_callback=green.installed(),
+        pgbouncer=settings.current().pgbouncer,
         pool=db.engines().pool_status(),
+        connections={**connections.stats, "open_files_limit": limits.open_files()[0]},
         replica=db.engines().replica_status(),
         loop_blocks=loopblock.stats,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, loadtest, statuses_text, wrk
+from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, loadtest, replace_section, statuses_text, wrk
 from deploy import cluster
 
 SECTION = "## 5. Past one machine"
@@ -168,11 +168,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     section = render(limits, speed, waves)
     print(section)
-    target = TOOLS.bench_output
-    existing = target.read_text()
-    kept = existing[:existing.index(SECTION)] if SECTION in existing else existing.rstrip("\n") + "\n\n"
-    target.write_text(kept + section)
-    print(f"written to {target}")
+    replace_section(TOOLS.bench_output, SECTION, section)
+    print(f"written to {TOOLS.bench_output}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The floor for this stack: raw WSGI + psycopg2 + psycogreen under gunicorn's gevent worker.
 
 No Flask, no SQLAlchemy: a small LIFO pool of autocommit connections and one query. It
-answers GET /todos with the same JSON body as the app, so the difference is the framework.
+answers GET /todos with the same JSON body as the app, so the difference is the framework;
+/sleep/python/ and /sleep/postgres/ sleep first, like the app's, and a request that waits
+longer than DB_POOL_TIMEOUT for a connection answers 503, like the app's.
 
     BENCH_DSN=... gunicorn bench.floor_wsgi:application -k gevent -w 2
 """
@@ -11,43 +13,55 @@ import time
 from urllib.parse import parse_qs
 
 import psycopg2
-from gevent.queue import LifoQueue
+from gevent.queue import Empty, LifoQueue
 from psycogreen.gevent import patch_psycopg
 
-from greenflask.settings import Tools
+from greenflask.settings import Settings, Tools
 
 patch_psycopg()  # imported by the gevent worker after monkey-patching
 
 DSN = Tools.from_env().bench_dsn
 POOL_SIZE = Tools.from_env().bench_pool_size
+POOL_TIMEOUT = Settings.from_env().pool_timeout
 QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
+BUSY = b'{"error":{"status":503,"code":"pool_exhausted"}}\n'
 
 _idle: LifoQueue = LifoQueue()
 _opened = 0
 
 
 def _connection():
-    """An idle connection, a new one while under POOL_SIZE, else wait for one."""
+    """An idle connection, a new one while under POOL_SIZE, else wait for one (raises
+    gevent.queue.Empty after POOL_TIMEOUT)."""
     global _opened
     if _idle.empty() and _opened < POOL_SIZE:
         _opened += 1
         connection = psycopg2.connect(DSN)
         connection.autocommit = True
         return connection
-    return _idle.get()
+    return _idle.get(timeout=POOL_TIMEOUT)
 
 
 def application(environ, start_response):
     """GET /todos; /sleep/python/?seconds=S sleeps first (gevent's sleep: the worker is
-    patched), as the app's route does, so a burst of sleeps has a floor too."""
-    if environ["PATH_INFO"] == "/sleep/python/":
-        time.sleep(float(parse_qs(environ.get("QUERY_STRING", "")).get("seconds", ["5"])[0]))
-    elif environ["PATH_INFO"] != "/todos":
+    patched) and /sleep/postgres/?seconds=S has the server sleep on the request's
+    connection, as the app's routes do, so a burst of sleeps has a floor too."""
+    path = environ["PATH_INFO"]
+    seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("seconds", ["5"])[0])
+    if path == "/sleep/python/":
+        time.sleep(seconds)
+    elif path not in ("/todos", "/sleep/postgres/"):
         start_response("404 Not Found", [("Content-Type", "application/json")])
         return [b'{"error":"not found"}\n']
-    connection = _connection()
+    try:
+        connection = _connection()
+    except Empty:
+        start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")])
+        return [BUSY]
     try:
         with connection.cursor() as cursor:
+            if path == "/sleep/postgres/":
+                cursor.execute("SELECT pg_sleep(%s)", (seconds,))
             cursor.execute(QUERY)
             rows = cursor.fetchall()
     finally:

@@ -297,6 +297,20 @@ def _body(url: str) -> bytes:
 # --- report --------------------------------------------------------------------------------
 
 
+def replace_section(target: Path, heading: str, text: str) -> None:
+    """Write `text` in place of the section of `target` that starts with `heading` (up to the
+    next `## ` heading), or at its end: each benchmark owns its sections of BENCHMARKS.md."""
+    existing = target.read_text() if target.exists() else ""
+    if heading in existing:
+        start = existing.index(heading)
+        following = existing.find("\n## ", start + len(heading))
+        rest = existing[following + 1:] if following != -1 else ""
+        existing = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    else:
+        existing = existing.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    target.write_text(existing)
+
+
 def machine_facts(url: str) -> list[str]:
     engine = embedded.script_engine(url)
     with engine.connect() as conn:

@@ -34,6 +34,14 @@ REQUEST_DURATION = Histogram(
 IN_FLIGHT = Gauge(
     "greenflask_http_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum"
 )
+CONNECTIONS_OPEN = Gauge(
+    "greenflask_http_connections_open", "Client connections open now, all workers.", multiprocess_mode="livesum"
+)
+CONNECTIONS_LIMIT = Gauge(
+    "greenflask_http_connections_limit",
+    "Client connections the workers serve at once (worker_connections; 1 for a sync worker), summed.",
+    multiprocess_mode="livesum",
+)
 POOL_CHECKED_OUT = Gauge(
     "greenflask_db_pool_checked_out",
     "Pooled connections in use, as of the end of each worker's last request.",

@@ -136,6 +136,9 @@ class Server:
 
     web_concurrency: int
     gunicorn_timeout: int
+    worker_connections: int
+    backlog: int
+    keepalive: int
 
     @classmethod
     def from_env(cls) -> "Server":
@@ -144,6 +147,15 @@ class Server:
             # The sync worker is killed when one request holds it longer than this; the gevent
             # worker only when its event loop is blocked this long.
             gunicorn_timeout=env_number("GUNICORN_TIMEOUT", 120, minimum=1),
+            # gunicorn's default is 1,000: a burst past it comes back in waves of 1,000.
+            worker_connections=env_number("GUNICORN_WORKER_CONNECTIONS", 10_000, minimum=1),
+            # Connections the kernel holds for the workers to accept (capped by
+            # net.core.somaxconn); gunicorn's default is 2,048.
+            backlog=env_number("GUNICORN_BACKLOG", 4096, minimum=1),
+            # Seconds an idle connection stays open, and also (in the gevent worker) how long
+            # a connection's request may take to arrive once it is read: gunicorn's 2 s drops
+            # the late ones of a 10,000 burst unanswered. Above HAProxy's idle 10 s on purpose.
+            keepalive=env_number("GUNICORN_KEEPALIVE", 15, minimum=0),
         )
 
 
