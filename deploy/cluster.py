@@ -4,6 +4,7 @@
     python -m deploy.cluster status [--json]
     python -m deploy.cluster link host2 down|up     # cut a host from the database, or mend it
     python -m deploy.cluster restart postgres|pgbouncer
+    python -m deploy.cluster rollout [--hosts host1,host2]   # a new gunicorn per host, dropping nothing
     python -m deploy.cluster down
 
 As root, every app host is a network namespace of its own with two links: one to the
@@ -54,7 +55,7 @@ from deploy.network import (
     remove_network,
     remove_stale_network,
 )
-from greenflask import embedded, servers, sizing
+from greenflask import embedded, green, servers, sizing
 from greenflask.settings import Settings, Tools
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -162,8 +163,8 @@ def pgbouncer_database(name: str, server: URL) -> str:
 
 
 def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
-                     folder: Path, replica: URL | None = None) -> str:
-    """deploy/pgbouncer.ini with this cluster's values."""
+                     folder: Path, replica: URL | None = None, socket_dir: Path | None = None) -> str:
+    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online restart."""
     databases = [pgbouncer_database(server.database, server)]
     if replica is not None:
         databases.append(pgbouncer_database(replica_database(server), replica))
@@ -175,6 +176,7 @@ def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size:
         user=server.username or "postgres",
         pool_size=pool_size,
         max_client_conn=max_client_conn,
+        unix_socket_dir=socket_dir or "",
     )
 
 
@@ -194,11 +196,14 @@ def start_pgbouncer(state: dict, server: URL, network: Network, pool_size: int, 
     # PgBouncer logs in to PostgreSQL with this password (none with trust auth).
     users_file.write_text(f'"{user}" "{server.password or ""}"\n')
     ini = CLUSTER_DIR / "pgbouncer.ini"
-    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, CLUSTER_DIR, replica))
+    socket_dir = CLUSTER_DIR / "pgbouncer-run"
+    socket_dir.mkdir(mode=0o700, exist_ok=True)
+    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, CLUSTER_DIR, replica, socket_dir))
     command = [executable, str(ini)]
     if os.geteuid() == 0:
         run_as = run_as_user(server)
         shutil.chown(users_file, run_as)
+        shutil.chown(socket_dir, run_as)
         command[1:1] = ["-u", run_as]
     users_file.chmod(0o600)
     ini.chmod(0o644)
@@ -217,6 +222,20 @@ def run_pgbouncer(state: dict) -> None:
     wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
     if not servers.is_alive(pid):
         raise click.ClickException(f"PgBouncer exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
+
+
+def restart_pgbouncer_online(state: dict) -> None:
+    """A new PgBouncer process (its binary and config as they are now) with `-R`: it asks the
+    running one, over its unix socket, for the listening socket and every client and server
+    connection, which the old one hands over before it exits."""
+    pgbouncer = state["pgbouncer"]
+    old_pid = pgbouncer["pid"]
+    command = [pgbouncer["command"][0], "-R", *pgbouncer["command"][1:]]
+    pgbouncer["pid"] = pid = spawn(command, "pgbouncer.log")
+    save_state(state)
+    wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
+    if not servers.is_alive(pid):
+        raise click.ClickException(f"PgBouncer -R exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
 
 
 def pgbouncer_admin(pgbouncer: dict, command: str) -> list[dict]:
@@ -255,10 +274,17 @@ def start_host(state: dict, network: Network, number: int, workers: int, databas
     command = servers.gunicorn_command(f"{address}:{APP_PORT}", ["-k", "gevent", "-w", str(workers)])
     if network.namespaces:
         command = ["ip", "netns", "exec", network.namespace(number), *command]  # exec: same PID
-    pid = spawn(command, f"{name}.log", env)
-    state["hosts"].append({"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": pid,
-                           "namespace": network.namespace(number) if network.namespaces else None,
-                           "metrics_dir": str(metrics_dir)})
+    host = {"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": None,
+            "namespace": network.namespace(number) if network.namespaces else None,
+            "metrics_dir": str(metrics_dir), "command": command, "env": env}
+    state["hosts"].append(host)
+    run_host(state, host)
+
+
+def run_host(state: dict, host: dict) -> None:
+    """Start the host's gunicorn with its recorded command and the cluster's part of its
+    environment; the rest of the environment (DB_* settings, code) is this process's now."""
+    host["gunicorn_pid"] = spawn(host["command"], f"{host['name']}.log", host["env"])
     save_state(state)
 
 
@@ -298,19 +324,28 @@ def start_haproxy(state: dict, port: int) -> None:
     save_state(state)
 
 
-def haproxy_server_states(admin_socket: str) -> dict[str, str]:
-    """{host name: "UP" | "DOWN" | ...} from HAProxy's admin socket (`show stat`)."""
+def haproxy_admin(admin_socket: str, command: str) -> str:
+    """One command on HAProxy's admin socket; its answer ("" when HAProxy does not answer)."""
     try:
         with socket.socket(socket.AF_UNIX) as connection:
             connection.settimeout(2)
             connection.connect(admin_socket)
-            connection.sendall(b"show stat\n")
-            raw = b"".join(iter(lambda: connection.recv(65536), b""))
+            connection.sendall(command.encode() + b"\n")
+            return b"".join(iter(lambda: connection.recv(65536), b"")).decode()
     except OSError:
-        return {}
-    rows = csv.DictReader(io.StringIO(raw.decode().lstrip("# ")))
-    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "app_hosts"
+        return ""
+
+
+def haproxy_servers(admin_socket: str) -> dict[str, dict]:
+    """{host name: its `show stat` row} (status "UP", "DOWN", "DRAIN", ...; scur: requests in flight)."""
+    rows = csv.DictReader(io.StringIO(haproxy_admin(admin_socket, "show stat").lstrip("# ")))
+    return {row["svname"]: row for row in rows if row["pxname"] == "app_hosts"
             and row["svname"] not in ("BACKEND", "FRONTEND")}
+
+
+def haproxy_server_states(admin_socket: str) -> dict[str, str]:
+    """{host name: "UP" | "DOWN" | ...} from HAProxy's admin socket."""
+    return {name: row["status"] for name, row in haproxy_servers(admin_socket).items()}
 
 
 # --- commands ------------------------------------------------------------------------
@@ -455,14 +490,15 @@ def link(host: str, state: str) -> None:
 @click.argument("part", type=click.Choice(["postgres", "pgbouncer"]))
 def restart(part: str) -> None:
     """Restart the embedded PostgreSQL behind PgBouncer's PAUSE and RESUME (clients wait
-    in PgBouncer instead of failing), or PgBouncer itself (clients lose their connections)."""
+    in PgBouncer instead of failing), or PgBouncer itself online (`pgbouncer -R`: the new
+    process takes over the listening socket and every connection from the old one, so no
+    client loses its connection)."""
     state = load_state()
     if state is None or not state.get("pgbouncer"):
         raise click.ClickException("no cluster with PgBouncer is up")
     started = time.monotonic()
     if part == "pgbouncer":
-        servers.stop(state["pgbouncer"]["pid"], grace=5)
-        run_pgbouncer(state)
+        restart_pgbouncer_online(state)
     else:
         if not state["postgres"]["embedded"]:
             raise click.ClickException("PostgreSQL is DATABASE_URL's server: restart it with its own tools")
@@ -479,6 +515,71 @@ def restart(part: str) -> None:
     click.echo(f"{part} restarted in {time.monotonic() - started:.2f} s")
 
 
+def longest_request_seconds() -> float:
+    """The longest a request of the app may take: its longest sleep or its statement bound."""
+    settings = Settings.from_env()
+    return max(settings.sleep_max_seconds, settings.statement_timeout_ms / 1000 + green.STATEMENT_MARGIN_SECONDS)
+
+
+@cli.command()
+@click.option("--hosts", "names", help="Comma-separated host names, in order [every host].")
+@click.option("--drain-margin", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds past the longest allowed request to wait for a host's requests to end.")
+def rollout(names: str | None, drain_margin: float) -> None:
+    """Replace each host's gunicorn with a new one from the working tree, one host at a time,
+    dropping no request: drain it in HAProxy, wait until its requests end, take it to
+    maintenance, stop the old master gracefully, start the new one, wait until /healthz
+    answers, put it back and wait until HAProxy sees it UP. Stops with exit 1 at the first
+    host that does not come back (the others keep serving; that host stays out of rotation)."""
+    state = load_state()
+    if state is None or not state.get("haproxy"):
+        raise click.ClickException("no cluster is up")
+    hosts = {host["name"]: host for host in state["hosts"]}
+    chosen = [name.strip() for name in names.split(",")] if names else list(hosts)
+    if unknown := [name for name in chosen if name not in hosts]:
+        raise click.ClickException(f"no host {', '.join(unknown)}: {', '.join(hosts)}")
+    admin = state["haproxy"]["admin_socket"]
+    bound = longest_request_seconds() + drain_margin
+    for name in chosen:
+        _replace_host(state, hosts[name], admin, bound)
+
+
+def _replace_host(state: dict, host: dict, admin: str, bound: float) -> None:
+    name, old_pid, started = host["name"], host["gunicorn_pid"], time.monotonic()
+    haproxy_admin(admin, f"set server app_hosts/{name} state drain")
+
+    def in_flight() -> int:
+        return int(haproxy_servers(admin).get(name, {}).get("scur") or 0)
+
+    try:
+        servers.wait_until(lambda: in_flight() == 0, f"{name}'s requests", bound)
+        left = 0
+    except RuntimeError:
+        # Past the bound the old master still gets SIGTERM: gunicorn lets what runs finish
+        # for its graceful_timeout, then ends it; HAProxy answers that client 502.
+        left = in_flight()
+    drained = time.monotonic() - started
+    # MAINT closes HAProxy's idle kept-alive connections to the host, which the old workers
+    # would otherwise hold open for their keep-alive before they exit.
+    haproxy_admin(admin, f"set server app_hosts/{name} state maint")
+    servers.stop(old_pid)
+    run_host(state, host)
+    try:
+        servers.wait_until(lambda: host_is_healthy(host) or not servers.is_alive(host["gunicorn_pid"]),
+                           f"{name}'s /healthz", 60)
+        if not servers.is_alive(host["gunicorn_pid"]):
+            raise RuntimeError("its new gunicorn exited")
+        haproxy_admin(admin, f"set server app_hosts/{name} state ready")
+        servers.wait_until(lambda: haproxy_server_states(admin).get(name) == "UP", f"{name} UP in HAProxy", 30)
+    except RuntimeError as error:
+        raise click.ClickException(f"{name} did not come back: {error}; it stays out of rotation, the other hosts "
+                                   f"serve (its log: {CLUSTER_DIR / (name + '.log')})") from None
+    replaced = time.monotonic() - started
+    note = f", {left} request(s) still running at the {bound:.0f} s bound" if left else ""
+    click.echo(f"{name}: drained in {drained:.2f} s{note}; replaced (pid {old_pid} -> {host['gunicorn_pid']}) and "
+               f"back in rotation in {replaced:.2f} s")
+
+
 @cli.command()
 def down() -> None:
     """Stop everything `up` started, by PID, and remove its namespaces and links."""
@@ -491,14 +592,19 @@ def down() -> None:
 
 
 def _tear_down(state: dict) -> None:
-    if state.get("haproxy"):
-        servers.stop(state["haproxy"]["pid"], grace=5)
+    """Gracefully, front to back: HAProxy stops listening and lets its requests finish
+    (SIGUSR1, its soft stop), every host finishes what it holds (SIGTERM, gunicorn's
+    graceful_timeout), then PgBouncer and PostgreSQL."""
+    haproxy = (state.get("haproxy") or {}).get("pid")
+    if servers.is_alive(haproxy):
+        os.kill(haproxy, signal.SIGUSR1)
     for host in state["hosts"]:  # all at once: each drains its requests for up to 30 s
         if servers.is_alive(host["gunicorn_pid"]):
             os.kill(host["gunicorn_pid"], signal.SIGTERM)
     for host in state["hosts"]:
         servers.stop(host["gunicorn_pid"])
         shutil.rmtree(host["metrics_dir"], ignore_errors=True)
+    servers.stop(haproxy, grace=5)
     if state.get("pgbouncer"):
         servers.stop(state["pgbouncer"]["pid"], grace=5)
     if state.get("replica"):

@@ -38,9 +38,13 @@ def spawn(command: list[str], log_path: Path, env: dict | None = None, cwd: Path
 
 def gunicorn_command(bind: str, worker_args: list[str], wsgi_app: str = "app:app",
                      config: str | None = None) -> list[str]:
-    """`python -m gunicorn WSGI_APP -b BIND ...`; gunicorn reads gunicorn.conf.py from its
-    working folder unless `config` names another."""
-    command = [sys.executable, "-m", "gunicorn", wsgi_app, "-b", bind, *worker_args]
+    """`gunicorn WSGI_APP -b BIND ...` (the script beside this Python), as a user types it;
+    gunicorn reads gunicorn.conf.py from its working folder unless `config` names another.
+    Not `python -m gunicorn`: a binary upgrade (USR2) re-executes the master as
+    `python .../gunicorn/__main__.py`, where `import http` finds gunicorn's own and fails."""
+    script = Path(sys.executable).with_name("gunicorn")
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
+    command = [*launcher, wsgi_app, "-b", bind, *worker_args]
     return command + ["-c", config] if config else command
 
 

@@ -3,12 +3,18 @@
 The database-down test stops and restarts a PostgreSQL of its own (embedded, in a temporary
 folder), so it never touches the shared server or the machine's own."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
+    ROOT,
     burst,
     busy_connections,
     in_background,
@@ -21,7 +27,7 @@ from conftest import (
 from sqlalchemy import text
 
 import seed
-from greenflask import embedded
+from greenflask import embedded, servers
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +168,70 @@ def test_200_concurrent_patches_of_one_row(green_server, seeded, figure):
     assert statuses == [200], statuses
     assert {key: final[key] for key in ("title", "priority", "done")} in writes
     figure(f"200 concurrent PATCH of one row: all 200; final row is write '{final['title']}'")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def reload_under_load(server, signals) -> tuple[dict, dict, int | None]:
+    """GET /todos at 200/s for 10 s and 20 sleeps of 6 s in flight through `server` while
+    `signals(server)` runs, 2 s in; (the load's report, the sleeps' report, a new master's pid)."""
+    load = in_background(loadtest_json, server, "--rate", "200", "-d", "10", "/todos")
+    time.sleep(1)
+    sleeps = in_background(loadtest_json, server, "20", "--seconds", "6", "--routes", "python")
+    time.sleep(1)
+    new_master = signals(server)
+    load.join()
+    sleeps.join()
+    return load.result, sleeps.result, new_master
+
+
+def loadtest_json(server, *args: str) -> dict:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    subprocess.run([sys.executable, "loadtest.py", *args, "--url", server.base_url, "--quiet", "--json", str(out)],
+                   cwd=ROOT, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())["reports"][0]
+    out.unlink()
+    return report
+
+
+def hup_twice(server) -> None:
+    os.kill(server.pid, signal.SIGHUP)
+    time.sleep(3)
+    os.kill(server.pid, signal.SIGHUP)
+
+
+def binary_upgrade(server) -> int:
+    """USR2: a new master (new code) beside the old; then TERM to the old one, whose workers
+    finish what they hold. (WINCH, nginx's way to stop the old workers first, is ignored by
+    gunicorn unless daemonized.)"""
+    before = set(children(server.pid))
+    os.kill(server.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (set(children(server.pid)) - before):
+        time.sleep(0.1)
+    new_master = (set(children(server.pid)) - before).pop()
+    time.sleep(2)  # its workers boot
+    os.kill(server.pid, signal.SIGTERM)
+    return new_master
+
+
+@pytest.mark.parametrize("how", ["HUP twice", "USR2 then TERM"])
+def test_reload_under_load_drops_nothing(start_server, how, figure):
+    server = start_server("-k", "gevent", "-w", "2")
+    new_master = None
+    try:
+        load, sleeps, new_master = reload_under_load(server, hup_twice if how == "HUP twice" else binary_upgrade)
+        after = request(server.url("/todos"))
+    finally:
+        server.stop()
+        servers.stop(new_master)
+    assert load["statuses"] == {"200": 2000} and not load["errors"], (load["statuses"], load["errors"])
+    assert sleeps["statuses"] == {"200": 20} and not sleeps["errors"], (sleeps["statuses"], sleeps["errors"])
+    assert after.status == 200
+    figure(f"{how} with 2 workers under 200 GET/s for 10 s and 20 sleeps of 6 s in flight: "
+           f"{load['statuses']}, max {load['latency_service']['max'] * 1000:.0f} ms; sleeps {sleeps['statuses']}")
