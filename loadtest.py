@@ -5,6 +5,7 @@
     python loadtest.py -c 64 -d 10 /todos        # closed loop, like wrk
     python loadtest.py --rate 500 -d 10 /todos   # open loop on a fixed schedule, like wrk2 -R
     python loadtest.py --matrix 5 --seconds 1    # the original README's three modes, one table
+    python loadtest.py --find-capacity --slo p99=50ms /todos   # the highest rate that meets the SLO
 
 Exit status: 0 when every request got a 2xx, 1 when any did not, 2 when the server cannot
 be reached (or the command line is wrong).
@@ -18,6 +19,7 @@ the structure wrk2 and vegeta use); click reads the command line, as in every sc
 import asyncio
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -240,6 +242,7 @@ class Report:
     late_sends: int | None = None
     latency_corrected: dict = field(default_factory=dict)
     latency_service: dict = field(default_factory=dict)
+    client_behind: bool = False  # the open loop stopped sending: this client could not keep the rate
 
     @property
     def all_ok(self) -> bool:
@@ -427,12 +430,17 @@ def print_timeline(report: Report, bar_width: int = 40) -> None:
         console.print(f"  {until:8.2f}s [cyan]{bar}[/] {count}")
 
 
-def save_plot(reports: list[Report], path: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_plot(reports: list[Report], path: str) -> None:
+    plt = _pyplot()
     figure, axes = plt.subplots(len(reports), 1, figsize=(8, 3 * len(reports)), squeeze=False)
     for axis, report in zip(axes[:, 0], reports, strict=True):
         axis.scatter(report.done_times, range(1, len(report.done_times) + 1), s=6)
@@ -442,6 +450,54 @@ def save_plot(reports: list[Report], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     console.print(f"timeline plot written to {path}")
+
+
+def plot_open_loop(report: Report, outcomes: list[Outcome], path: str) -> None:
+    """Latency over time, corrected and service, by intended send time; and the percentile
+    curve on a log scale of 1 / (1 - percentile), the HdrHistogram plotter's picture."""
+    plt = _pyplot()
+    figure, (over_time, curve) = plt.subplots(2, 1, figsize=(9, 7))
+    sent = [outcome.done_at - outcome.latency - outcome.late for outcome in outcomes]
+    for label, values in (("corrected", [o.corrected for o in outcomes]), ("service", [o.latency for o in outcomes])):
+        over_time.scatter(sent, [value * 1000 for value in values], s=3, label=label)
+        ordered = sorted(values)
+        shares = [(index + 0.5) / len(ordered) for index in range(len(ordered))]
+        curve.plot([1 / (1 - share) for share in shares], [value * 1000 for value in ordered], label=label)
+    over_time.set(title=f"{report.name} on {report.url}", xlabel="intended send time (s)", ylabel="latency (ms)",
+                  yscale="log")
+    curve.set(xscale="log", yscale="log", xlabel="percentile", ylabel="latency (ms)")
+    ticks = [2, 10, 100, 1000, 10_000]
+    curve.set_xticks(ticks, [f"{100 - 100 / tick:g}%" for tick in ticks])
+    for axis in (over_time, curve):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    console.print(f"latency plot written to {path}")
+
+
+def plot_capacity(steps: "list[Step]", best: "Step | None", percentile: str, slo: float, url: str, path: str) -> None:
+    """Each step's rate against its corrected percentile, the SLO line and the knee."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for met, colour, label in ((True, "tab:green", "meets"), (False, "tab:red", "misses")):
+        chosen = [step for step in steps if step.met is met and step.latency != float("inf")]
+        axis.scatter([step.rate for step in chosen], [step.latency * 1000 for step in chosen], color=colour,
+                     label=label, zorder=3)
+    axis.axhline(slo * 1000, color="tab:gray", linestyle="--", label=f"SLO {percentile} <= {_ms(slo)}")
+    if best is not None:
+        axis.axvline(best.rate, color="tab:blue", linestyle=":", label=f"knee: {best.rate:,.0f} req/s")
+    axis.set(xscale="log", yscale="log", xlabel="rate asked (req/s)", ylabel=f"{percentile}, corrected (ms)",
+             title=f"capacity search on {url}")
+    from matplotlib.ticker import ScalarFormatter
+
+    for scale in (axis.xaxis, axis.yaxis):
+        scale.set_major_formatter(ScalarFormatter())
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    console.print(f"capacity plot written to {path}")
 
 
 # --- the three modes of running ----------------------------------------------------------
@@ -501,12 +557,13 @@ async def closed_loop(base_url: str, path: str, concurrency: int, duration: floa
 
 
 async def open_loop(base_url: str, path: str, rate: float, duration: float, timeout: float,
-                    quiet: bool = False) -> Report:
+                    quiet: bool = False, give_up_behind: float | None = None) -> tuple[Report, list[Outcome]]:
     """Send `rate` GETs a second for `duration` seconds on a fixed schedule, whatever the
     answers, with no cap on requests in flight (each ends by `timeout` at the latest), like
     wrk2 -R or vegeta -rate. Each request records how late it left, so the latency from its
     intended send time is known too: a server that stalls cannot make the client send less
-    and so hide the stall ("coordinated omission")."""
+    and so hide the stall ("coordinated omission"). With `give_up_behind`, sending stops once
+    the client is that far behind its schedule (it cannot keep the rate: the report says so)."""
     url = base_url + path
     interval = 1 / rate
     count = max(1, round(rate * duration))
@@ -515,19 +572,138 @@ async def open_loop(base_url: str, path: str, rate: float, duration: float, time
     async with client_session(timeout) as session:
         with Progress(TextColumn("{task.description}"), console=console, transient=True, disable=quiet) as progress:
             line = progress.add_task("", total=count)
-            started = time.perf_counter()
+            started, behind = time.perf_counter(), False
             for index in range(count):
                 intended = started + index * interval
                 # The loop's timers wake up to a millisecond late: wake early, send on time.
                 if (wait := intended - time.perf_counter() - SLEEP_OVERSHOOT) > 0:
                     await asyncio.sleep(wait)
+                elif give_up_behind is not None and -wait > give_up_behind:
+                    behind = True
+                    break
                 tasks.append(asyncio.create_task(fetch(session, url, started, intended)))
                 if index % max(1, round(rate / 4)) == 0:  # four updates a second
                     progress.update(line, description=_progress_line(tasks, index + 1, count))
             send_window = time.perf_counter() - started
-            outcomes = await asyncio.gather(*tasks)
+            outcomes = list(await asyncio.gather(*tasks))
             wall = time.perf_counter() - started
-    return summarize(f"open loop {rate:g}/s", url, list(outcomes), wall, rate=rate, send_window=send_window)
+    report = summarize(f"open loop {rate:g}/s", url, outcomes, wall, rate=rate, send_window=send_window)
+    report.client_behind = behind
+    return report, outcomes
+
+
+# --- the capacity search ------------------------------------------------------------------
+
+SLO_FORMS = "p50, p90, p99 or p999 = a number and ms or s, e.g. p99=50ms or p999=1.5s"
+ERRORS_ALLOWED = 0.01  # a step with this share of non-2xx answers or client errors misses
+LATE_ALLOWED = 0.01  # ... and one with this share of late sends says nothing of the server
+# A send counts as late for a step's verdict past this or a fifth of the SLO, whichever is less:
+# asyncio's timers on a busy machine leave a few ms behind, which the corrected latency counts.
+STEP_LATE = 0.010
+GIVE_UP_BEHIND = 0.25  # seconds behind schedule after which a step stops: the client cannot keep it
+CLOSE_ENOUGH = 0.1  # the bisection stops when the gap between a met and a missed rate is this share
+
+
+def parse_slo(text: str) -> tuple[str, float]:
+    """'p99=50ms' -> ('p99', 0.05); anything else is a usage error naming the accepted forms."""
+    match = re.fullmatch(r"(p50|p90|p99|p999)=(\d+(?:\.\d+)?)(ms|s)", text.strip())
+    if not match or float(match.group(2)) <= 0:
+        raise click.BadParameter(f"{text!r} is not an SLO: use {SLO_FORMS}")
+    return match.group(1), float(match.group(2)) / (1000 if match.group(3) == "ms" else 1)
+
+
+@dataclass
+class Step:
+    """One open-loop step of the search and its verdict."""
+
+    rate: float
+    achieved: float
+    latency: float  # corrected, at the SLO's percentile
+    errors: float  # share of non-2xx answers and client errors
+    late: float  # share of sends more than min(STEP_LATE, SLO / 5) behind schedule
+    client_behind: bool
+    verdict: str
+
+    @property
+    def met(self) -> bool:
+        return self.verdict == "meets"
+
+
+def judge(report: Report, outcomes: list[Outcome], percentile: str, slo: float) -> Step:
+    failed = report.requests - sum(count for status, count in report.statuses.items() if 200 <= int(status) < 300)
+    errors = failed / report.requests if report.requests else 1.0
+    late_bound = min(STEP_LATE, slo / 5)
+    late = sum(outcome.late > late_bound for outcome in outcomes) / len(outcomes) if outcomes else 1.0
+    latency = report.latency_corrected.get(percentile, float("inf"))
+    if report.client_behind or late >= LATE_ALLOWED:
+        verdict = "client behind"
+    elif errors >= ERRORS_ALLOWED:
+        verdict = f"errors {errors:.1%}"
+    elif latency > slo:
+        verdict = f"misses {percentile}"
+    else:
+        verdict = "meets"
+    return Step(report.rate_asked, report.rate_achieved or 0.0, latency, errors, late, report.client_behind
+                or late >= LATE_ALLOWED, verdict)
+
+
+def next_rate(steps: list[Step], start: float, max_rate: float) -> float | None:
+    """Double while every step met the SLO; then bisect between the highest rate that met it
+    and the lowest that missed; None when the search is over."""
+    met = [step.rate for step in steps if step.met]
+    missed = [step.rate for step in steps if not step.met]
+    if any(step.client_behind for step in steps) or (missed and not met):
+        return None
+    low = max(met)
+    above = [rate for rate in missed if rate > low]
+    if not above:
+        return min(low * 2, max_rate) if low < max_rate else None
+    high = min(above)
+    if high - low <= max(1.0, low * CLOSE_ENOUGH):
+        return None
+    return float(round((low + high) / 2))
+
+
+async def find_capacity(base_url: str, path: str, percentile: str, slo: float, duration: float, timeout: float,
+                        start: float, max_rate: float, max_seconds: float, steps: list, reports: list,
+                        on_step) -> None:
+    """Open-loop steps until the knee is found, appending to `steps` and `reports` as it
+    goes (so that a Ctrl-C keeps what was found); never past `max_seconds` in all."""
+    began, rate = time.monotonic(), min(start, max_rate)
+    while rate is not None and time.monotonic() - began + duration + timeout <= max_seconds:
+        report, outcomes = await open_loop(base_url, path, rate, duration, timeout, quiet=True,
+                                           give_up_behind=GIVE_UP_BEHIND)
+        reports.append(report)
+        steps.append(judge(report, outcomes, percentile, slo))
+        on_step(steps[-1])
+        rate = next_rate(steps, start, max_rate)
+
+
+def capacity_answer(steps: list[Step], percentile: str, slo: float) -> tuple[Step | None, str]:
+    """The highest rate that met the SLO, and the line that says it (or why there is none)."""
+    met = [step for step in steps if step.met]
+    best = max(met, key=lambda step: step.rate) if met else None
+    behind = next((step for step in steps if step.client_behind), None)
+    goal = f"{percentile} <= {_ms(slo)}"
+    if best is None:
+        if behind:
+            return None, f"no answer: the client cannot keep {behind.rate:,.0f}/s on this machine"
+        return None, f"no answer: even {steps[0].rate:,.0f}/s misses {goal}" if steps else "no step ran"
+    line = f"capacity: {best.rate:,.0f} req/s meets {goal} ({percentile} {_ms(best.latency)})"
+    if behind:
+        line += (f"; the client cannot keep {behind.rate:,.0f}/s on this machine, so the server's own limit "
+                 "may be higher")
+    return best, line
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def print_step(step: Step, percentile: str) -> None:
+    colour = "green" if step.met else "red"
+    console.print(f"  {step.rate:>9,.0f} {step.achieved:>9,.0f}  {_ms(step.latency):>10}  {step.errors:>6.1%}"
+                  f"  {step.late:>6.1%}  [{colour}]{step.verdict}[/]")
 
 
 def _progress_line(tasks: list[asyncio.Task], sent: int, count: int) -> str:
@@ -639,16 +815,20 @@ def describe_blocks(row: dict) -> str:
 MODE_OPTIONS = {
     "burst": {"target", "url", "seconds", "routes", "timeout", "json_path", "quiet", "plot"},
     "closed": {"target", "url", "concurrency", "duration", "timeout", "json_path", "quiet"},
-    "open": {"target", "url", "rate", "duration", "timeout", "json_path", "quiet"},
+    "open": {"target", "url", "rate", "duration", "timeout", "json_path", "quiet", "plot"},
+    "capacity": {"target", "url", "find_capacity", "slo", "duration", "timeout", "json_path", "plot", "max_seconds",
+                 "max_rate", "start_rate"},
     "matrix": {"matrix", "seconds", "timeout", "json_path"},
 }
 FLAGS = {"target": "N or PATH", "url": "--url", "seconds": "--seconds", "routes": "--routes", "timeout": "--timeout",
          "json_path": "--json", "quiet": "--quiet", "plot": "--plot", "concurrency": "-c", "rate": "--rate",
-         "duration": "-d", "matrix": "--matrix"}
+         "duration": "-d", "matrix": "--matrix", "find_capacity": "--find-capacity", "slo": "--slo",
+         "max_seconds": "--max-seconds", "max_rate": "--max-rate", "start_rate": "--start-rate"}
 # The option that picks each mode other than a burst, and how a usage error names the mode.
-MODE_FLAG = {"matrix": "matrix", "closed": "concurrency", "open": "rate"}
+MODE_FLAG = {"matrix": "matrix", "closed": "concurrency", "open": "rate", "capacity": "find_capacity"}
 MODE_NAMES = {"burst": "a burst of N", "closed": "the closed loop (-c)", "open": "the open loop (--rate)",
-              "matrix": "--matrix (it starts its own servers)"}
+              "capacity": "--find-capacity", "matrix": "--matrix (it starts its own servers)"}
+CAPACITY_STEP_SECONDS = 5.0  # -d of a capacity step when not given
 
 
 def _given(ctx: click.Context) -> list[str]:
@@ -696,20 +876,36 @@ def _routes(ctx, param, value: str) -> list[str]:
 @click.option("-d", "--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Closed or open loop: seconds.")
 @click.option("--matrix", type=click.IntRange(min=1), metavar="N", help="Start the server in each of the three modes.")
+@click.option("--find-capacity", is_flag=True, help="Search for the highest rate that meets --slo (open-loop steps).")
+@click.option("--slo", metavar="pNN=TIME", help=f"With --find-capacity: {SLO_FORMS}.")
+@click.option("--max-seconds", default=180.0, show_default=True, type=click.FloatRange(min=1),
+              help="With --find-capacity: the whole search ends by then.")
+@click.option("--max-rate", default=10_000.0, show_default=True, type=click.FloatRange(min=1),
+              help="With --find-capacity: never send faster.")
+@click.option("--start-rate", default=50.0, show_default=True, type=click.FloatRange(min=1),
+              help="With --find-capacity: the first step's rate.")
 @click.pass_context
-def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, concurrency, rate, duration, matrix) -> int:
+def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, concurrency, rate, duration, matrix,
+        find_capacity, slo, max_seconds, max_rate, start_rate) -> int:
     """Concurrent-request load tester for greenflask.
 
-    TARGET is N, the requests per route (default 5), or a PATH with -c or --rate (default /todos).
+    TARGET is N, the requests per route (default 5), or a PATH with -c, --rate or
+    --find-capacity (default /todos).
     """
     mode = _mode(ctx)
     url = url.rstrip("/")
+    if mode == "capacity":
+        if not slo:
+            raise click.UsageError(f"--find-capacity needs --slo: {SLO_FORMS}")
+        percentile, slo_seconds = parse_slo(slo)
+        if ctx.get_parameter_source("duration") != click.core.ParameterSource.COMMANDLINE:
+            duration = CAPACITY_STEP_SECONDS
     if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    if mode in ("closed", "open"):
+    if mode in ("closed", "open", "capacity"):
         path = target or "/todos"
         if not path.startswith("/"):
             raise click.UsageError(f"PATH must start with '/', got {path!r}")
@@ -724,18 +920,26 @@ def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, conc
         # At most this many sockets at once: a burst's N, the closed loop's workers, the open
         # loop's requests in flight (each ends by --timeout), the matrix's N.
         in_flight = {"burst": lambda: count, "closed": lambda: concurrency, "matrix": lambda: matrix,
-                     "open": lambda: round(rate * min(duration, timeout))}[mode]()
+                     "open": lambda: round(rate * min(duration, timeout)),
+                     "capacity": lambda: round(max_rate * min(duration, step_timeout(timeout, slo_seconds)))}[mode]()
         ensure_open_files(in_flight)
+        capacity, steps = None, []
         if mode == "matrix":
             rows, reports = asyncio.run(run_matrix(matrix, seconds, timeout, Tools.from_env().loadtest_server_log))
             print_matrix(rows, matrix, seconds)
             ok = all(row["all_ok"] for row in rows)
+        elif mode == "capacity":
+            reports, rows = [], []
+            capacity, ok = run_capacity(url, path, percentile, slo_seconds, duration, timeout, start_rate, max_rate,
+                                        max_seconds, steps, reports, plot)
         elif mode == "open":
-            report = asyncio.run(open_loop(url, path, rate, duration, timeout, quiet))
+            report, outcomes = asyncio.run(open_loop(url, path, rate, duration, timeout, quiet))
             print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, open loop at {rate:g}/s")
             if not quiet:
                 print_summary(report)
             reports, rows, ok = [report], [], report.all_ok
+            if plot:
+                plot_open_loop(report, outcomes, plot)
         elif mode == "closed":
             report = asyncio.run(closed_loop(url, path, concurrency, duration, timeout))
             print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {concurrency} workers")
@@ -758,8 +962,36 @@ def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, conc
         return 2
     if json_path:
         write_json(json_path, {"mode": mode, "url": None if mode == "matrix" else url, "all_ok": ok,
-                               "reports": [asdict(report) for report in reports], "matrix": rows})
+                               "reports": [asdict(report) for report in reports], "matrix": rows,
+                               "capacity": capacity, "steps": [asdict(step) for step in steps]})
     return 0 if ok else 1
+
+
+def step_timeout(timeout: float, slo: float) -> float:
+    """A request slower than ten times the SLO has missed it anyway: no step waits longer."""
+    return min(timeout, max(1.0, 10 * slo))
+
+
+def run_capacity(url, path, percentile, slo, duration, timeout, start, max_rate, max_seconds, steps, reports,
+                 plot) -> tuple[dict | None, bool]:
+    """--find-capacity: the search with its table, the answer, the picture; (capacity, found)."""
+    timeout = step_timeout(timeout, slo)
+    console.print(f"searching the highest rate on {url}{path} with {percentile} <= {_ms(slo)} (corrected), errors "
+                  f"and late sends under {ERRORS_ALLOWED:.0%}: steps of {duration:g} s from {start:g}/s, doubling "
+                  f"then bisecting, never above {max_rate:g}/s, requests timed out after {timeout:g} s; done "
+                  f"within {max_seconds:g} s")
+    console.print(f"  {'asked/s':>9} {'achieved':>9}  {percentile + ' corr.':>10}  {'errors':>6}  {'late':>6}  verdict")
+    try:
+        asyncio.run(find_capacity(url, path, percentile, slo, duration, timeout, start, max_rate, max_seconds,
+                                  steps, reports, lambda step: print_step(step, percentile)))
+    except KeyboardInterrupt:
+        console.print("  interrupted: what was found so far")
+    best, line = capacity_answer(steps, percentile, slo)
+    console.print(f"[bold]{line}[/]")
+    if plot:
+        plot_capacity(steps, best, percentile, slo, url + path, plot)
+    found = {"rate": best.rate, "slo": slo, "percentile": percentile, "latency": best.latency} if best else None
+    return found, best is not None
 
 
 def write_json(path: str, payload: dict) -> None:
