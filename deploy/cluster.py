@@ -1,6 +1,6 @@
 """Several app hosts behind HAProxy, PgBouncer in front of PostgreSQL, all on this machine.
 
-    python -m deploy.cluster up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica]
+    python -m deploy.cluster up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica] [--monitoring]
     python -m deploy.cluster status [--json]
     python -m deploy.cluster link host2 down|up     # cut a host from the database, or mend it
     python -m deploy.cluster restart postgres|pgbouncer
@@ -66,11 +66,12 @@ PGBOUNCER_PORT = 6432
 INSTALL_HINT = "apt-get install pgbouncer haproxy  (Debian's packages)"
 
 
-def program(name: str) -> str:
-    """The path of `name` (Debian puts both in /usr/sbin, which a user's PATH may lack)."""
+def program(name: str, package: str | None = None) -> str:
+    """The path of `name` (Debian puts PgBouncer and HAProxy in /usr/sbin, which a user's PATH may lack)."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if not found:
-        raise click.ClickException(f"{name} is not installed: {INSTALL_HINT}")
+        hint = f"apt-get install {package}  (Debian's package)" if package else INSTALL_HINT
+        raise click.ClickException(f"{name} is not installed: {hint}")
     return found
 
 
@@ -305,9 +306,10 @@ def host_is_healthy(host: dict) -> bool:
 # --- HAProxy -------------------------------------------------------------------------
 
 
-def haproxy_config(bind: str, admin_socket: Path, hosts: list[dict]) -> str:
+def haproxy_config(bind: str, exporter_bind: str, admin_socket: Path, hosts: list[dict]) -> str:
     """deploy/haproxy.cfg with this cluster's values and a `server` line per host."""
-    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(bind=bind, admin_socket=admin_socket)
+    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(bind=bind, exporter_bind=exporter_bind,
+                                                                         admin_socket=admin_socket)
     return text + "".join(f"    server {host['name']} {host['address']}:{host['port']}\n" for host in hosts)
 
 
@@ -315,13 +317,41 @@ def start_haproxy(state: dict, port: int) -> None:
     executable = program("haproxy")
     admin_socket = CLUSTER_DIR / "haproxy.sock"
     config = CLUSTER_DIR / "haproxy.cfg"
-    config.write_text(haproxy_config(f"127.0.0.1:{port}", admin_socket, state["hosts"]))
+    exporter = f"127.0.0.1:{servers.free_port()}"
+    config.write_text(haproxy_config(f"127.0.0.1:{port}", exporter, admin_socket, state["hosts"]))
     checked = subprocess.run([executable, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
     if checked.returncode != 0:
         raise click.ClickException(f"haproxy.cfg: {checked.stderr.strip()}")
     pid = spawn([executable, "-db", "-f", str(config)], "haproxy.log")
-    state["haproxy"] = {"pid": pid, "url": f"http://127.0.0.1:{port}", "admin_socket": str(admin_socket)}
+    state["haproxy"] = {"pid": pid, "url": f"http://127.0.0.1:{port}", "admin_socket": str(admin_socket),
+                        "exporter": exporter}
     save_state(state)
+
+
+# --- Prometheus ----------------------------------------------------------------------
+
+
+def start_prometheus(state: dict) -> None:
+    """Prometheus with deploy/prometheus/ as it is, scraping every host's /metrics on its own
+    address and HAProxy's exporter; the targets are files it reads (file_sd)."""
+    executable = program("prometheus", "prometheus")
+    folder = CLUSTER_DIR / "prometheus"
+    (folder / "targets").mkdir(parents=True, exist_ok=True)
+    for name in ("prometheus.yml", "alerts.yml", "recording.yml"):
+        shutil.copy(DEPLOY_DIR / "prometheus" / name, folder / name)
+    hosts = [{"targets": [f"{host['address']}:{host['port']}"], "labels": {"host": host["name"]}}
+             for host in state["hosts"]]
+    (folder / "targets" / "greenflask.json").write_text(json.dumps(hosts, indent=2))
+    (folder / "targets" / "haproxy.json").write_text(json.dumps([{"targets": [state["haproxy"]["exporter"]]}]))
+    url = f"http://127.0.0.1:{servers.free_port()}"
+    pid = spawn([executable, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={url.removeprefix('http://')}", "--storage.tsdb.retention.time=1d"],
+                "prometheus.log")
+    state["prometheus"] = {"pid": pid, "url": url}
+    save_state(state)
+    wait_for(lambda: servers.status_of(url + "/-/ready") == 200 or not servers.is_alive(pid), "Prometheus")
+    if not servers.is_alive(pid):
+        raise click.ClickException(f"Prometheus exited: {(CLUSTER_DIR / 'prometheus.log').read_text()[-500:]}")
 
 
 def haproxy_admin(admin_socket: str, command: str) -> str:
@@ -363,15 +393,20 @@ def cli() -> None:
 @click.option("--pgbouncer-pool", default=20, show_default=True, type=click.IntRange(1),
               help="PgBouncer's server connections (default_pool_size).")
 @click.option("--direct", is_flag=True, help="No PgBouncer: hosts connect straight to PostgreSQL.")
+@click.option("--monitoring", is_flag=True,
+              help="Prometheus (deploy/prometheus/) scraping the hosts and HAProxy, with the alert rules.")
 @click.option("--replica", is_flag=True,
               help="A streaming replica of the embedded PostgreSQL for the hosts' reads (DATABASE_READ_URL).")
-def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, replica: bool) -> None:
-    """Start PostgreSQL, PgBouncer, the app hosts and HAProxy; print the balancer's URL last."""
+def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, monitoring: bool,
+       replica: bool) -> None:
+    """Start PostgreSQL, PgBouncer, the app hosts and HAProxy (and Prometheus); print the balancer's URL last."""
     if load_state():
         raise click.ClickException(f"a cluster is already up ({state_path()}): python -m deploy.cluster down")
     if not direct:
         program("pgbouncer")
     program("haproxy")
+    if monitoring:
+        program("prometheus", "prometheus")
     if replica and (direct or Settings.from_env().database_url):
         raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
                                    "no --direct")
@@ -383,10 +418,13 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, r
     if network.namespaces and (removed := remove_stale_network(network)):
         click.echo(f"network: removed what a cluster killed before `down` left: {', '.join(removed)}")
     state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
-             "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None}
+             "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None, "prometheus": None}
     save_state(state)
     try:
         _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica)
+        if monitoring:
+            start_prometheus(state)
+            click.echo(f"Prometheus: {state['prometheus']['url']}, pid {state['prometheus']['pid']}")
     except BaseException:
         click.echo(f"up failed; stopping what started (logs in {CLUSTER_DIR})", err=True)
         _tear_down(state)
@@ -446,6 +484,7 @@ def status(as_json: bool) -> None:
                    "healthy": host_is_healthy(host), "haproxy": states.get(host["name"])} for host in state["hosts"]],
         "pgbouncer": _with_alive(state.get("pgbouncer")),
         "haproxy": _with_alive(state.get("haproxy")),
+        "prometheus": _with_alive(state.get("prometheus")),
         "postgres": _with_alive(state.get("postgres")),
         "replica": _with_alive(state.get("replica")),
     }
@@ -455,7 +494,7 @@ def status(as_json: bool) -> None:
     for host in report["hosts"]:
         click.echo(f"{host['name']:8} {host['address']:12} pid {host['gunicorn_pid']:<8} "
                    f"{'healthy' if host['healthy'] else 'NOT healthy'}, HAProxy: {host['haproxy']}")
-    for part in ("pgbouncer", "haproxy", "postgres", "replica"):
+    for part in ("pgbouncer", "haproxy", "prometheus", "postgres", "replica"):
         if report[part]:
             click.echo(f"{part:8} pid {report[part]['pid']} {'running' if report[part]['running'] else 'NOT running'}")
 
@@ -595,6 +634,8 @@ def _tear_down(state: dict) -> None:
     """Gracefully, front to back: HAProxy stops listening and lets its requests finish
     (SIGUSR1, its soft stop), every host finishes what it holds (SIGTERM, gunicorn's
     graceful_timeout), then PgBouncer and PostgreSQL."""
+    servers.stop((state.get("prometheus") or {}).get("pid"), grace=10)
+    shutil.rmtree(CLUSTER_DIR / "prometheus", ignore_errors=True)
     haproxy = (state.get("haproxy") or {}).get("pid")
     if servers.is_alive(haproxy):
         os.kill(haproxy, signal.SIGUSR1)

