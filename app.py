@@ -10,7 +10,7 @@ from flask import Flask
 import db
 import views
 from errors import register_error_handlers
-from greenflask import logs, metrics
+from greenflask import logs, metrics, requestid
 from greenflask.jsonprovider import OrjsonProvider
 from greenflask.settings import CONFIG_KEY, Settings
 
@@ -18,7 +18,7 @@ from greenflask.settings import CONFIG_KEY, Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """The app factory. It opens no connection: the engines are made per process on first use."""
     settings = settings or Settings.from_env()
-    logs.configure()
+    logs.configure(settings.log_format)
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes)
@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     db.init_app(app, settings)
     if settings.metrics:
         metrics.init_app(app)
+    requestid.init_app(app)
     register_error_handlers(app)
     app.register_blueprint(views.bp)
     return app

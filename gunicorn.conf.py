@@ -28,7 +28,11 @@ keepalive = _server.keepalive
 control_socket_disable = True
 # ACCESS_LOG=1: one line per request on stderr, with the time it took in seconds (%(L)s).
 accesslog = "-" if _settings.access_log else None
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss pid=%(p)s'
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss pid=%(p)s request_id=%({x-request-id}o)s'
+if _settings.log_format == "json":  # LOG_FORMAT=json: one JSON object per request instead
+    from greenflask.logs import json_access_logger
+
+    logger_class = json_access_logger()
 
 # prometheus_client picks its multiprocess mode when it is first imported, which happens
 # after this file is read (in each worker, or in the master with --preload): so the folder

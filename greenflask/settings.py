@@ -61,6 +61,14 @@ def _env_green_mode(name: str = "PSYCOGREEN") -> str:
     raise SystemExit(f"{name}={raw!r}: use 1 (force on), 0 (off) or leave unset (auto)")
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    raw = (env_text(name) or choices[0]).lower()
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r}: use {' or '.join(choices)}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -80,6 +88,7 @@ class Settings:
     metrics_dir: str | None
     loop_block_warn_ms: int
     access_log: bool
+    log_format: str
     host_name: str
     embedded_pgdata: Path
     embedded_max_connections: int
@@ -114,6 +123,7 @@ class Settings:
             # gevent workers only; 0 turns the detector off.
             loop_block_warn_ms=env_number("LOOP_BLOCK_WARN_MS", 100),
             access_log=env_flag("ACCESS_LOG", False),
+            log_format=_env_choice("LOG_FORMAT", ("text", "json")),
             # Which host answered, in /stats (deploy/cluster.py names its hosts host1, host2...).
             host_name=env_text("HOST_NAME") or socket.gethostname(),
             embedded_pgdata=Path(env_text("EMBEDDED_PGDATA") or PROJECT_DIR / ".pgdata"),
