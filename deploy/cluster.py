@@ -331,6 +331,21 @@ def start_haproxy(state: dict, port: int) -> None:
 # --- Prometheus ----------------------------------------------------------------------
 
 
+def start_postgres_exporter(state: dict) -> str:
+    """Debian's prometheus-postgres-exporter for the primary (its connection string in the
+    environment, not in argv); the address it serves on."""
+    executable = program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
+    given = Settings.from_env().database_url
+    url = make_url(given or embedded.embedded_url())
+    query = {"sslmode": "disable", **url.query} if "sslmode" not in url.query else dict(url.query)
+    dsn = url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    address = f"127.0.0.1:{servers.free_port()}"
+    pid = spawn([executable, f"--web.listen-address={address}"], "postgres-exporter.log", {"DATA_SOURCE_NAME": dsn})
+    state["postgres_exporter"] = {"pid": pid, "address": address}
+    save_state(state)
+    return address
+
+
 def start_prometheus(state: dict) -> None:
     """Prometheus with deploy/prometheus/ as it is, scraping every host's /metrics on its own
     address and HAProxy's exporter; the targets are files it reads (file_sd)."""
@@ -343,6 +358,8 @@ def start_prometheus(state: dict) -> None:
              for host in state["hosts"]]
     (folder / "targets" / "greenflask.json").write_text(json.dumps(hosts, indent=2))
     (folder / "targets" / "haproxy.json").write_text(json.dumps([{"targets": [state["haproxy"]["exporter"]]}]))
+    exporter = start_postgres_exporter(state)
+    (folder / "targets" / "postgres.json").write_text(json.dumps([{"targets": [exporter]}]))
     url = f"http://127.0.0.1:{servers.free_port()}"
     pid = spawn([executable, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
                  f"--web.listen-address={url.removeprefix('http://')}", "--storage.tsdb.retention.time=1d"],
@@ -407,6 +424,7 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
     program("haproxy")
     if monitoring:
         program("prometheus", "prometheus")
+        program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
     if replica and (direct or Settings.from_env().database_url):
         raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
                                    "no --direct")
@@ -635,6 +653,7 @@ def _tear_down(state: dict) -> None:
     (SIGUSR1, its soft stop), every host finishes what it holds (SIGTERM, gunicorn's
     graceful_timeout), then PgBouncer and PostgreSQL."""
     servers.stop((state.get("prometheus") or {}).get("pid"), grace=10)
+    servers.stop((state.get("postgres_exporter") or {}).get("pid"), grace=5)
     shutil.rmtree(CLUSTER_DIR / "prometheus", ignore_errors=True)
     haproxy = (state.get("haproxy") or {}).get("pid")
     if servers.is_alive(haproxy):
