@@ -95,8 +95,13 @@ def seconds_until(check, within: float, every: float = 0.01, failure=lambda: "")
 
 def load(url: str, seconds: float, rate: int = 100) -> dict:
     """`python loadtest.py --rate` on GET /todos through the balancer, its figures as JSON."""
+    return load_path(url, "/todos", rate, seconds)
+
+
+def load_path(url: str, path: str, rate: int, seconds: float) -> dict:
+    """`python loadtest.py --rate RATE -d SECONDS PATH` through `url`, its figures as JSON."""
     report = Path(tempfile.mkstemp(suffix=".json")[1])
-    command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(seconds), "/todos", "--url", url,
+    command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(seconds), path, "--url", url,
                "--quiet", "--json", str(report)]
     subprocess.run(command, cwd=ROOT, capture_output=True, timeout=seconds + 60)
     figures = json.loads(report.read_text())["reports"][0]
@@ -270,6 +275,10 @@ def test_rollout_stops_at_a_host_that_does_not_come_back(cluster, cluster_env):
     assert get_json(cluster + "/todos")["todos"], "the other hosts serve"
 
 
+def balancer(env: dict) -> str:
+    return status(env)["haproxy"]["url"]
+
+
 def firing(prometheus: str) -> set[tuple[str, str]]:
     """(alert name, host or server) of every alert Prometheus says is firing."""
     alerts = get_json(prometheus + "/api/v1/alerts")["data"]["alerts"]
@@ -294,11 +303,18 @@ def test_an_alert_names_the_host_cut_from_its_database(cluster_env, figure):
         others = {host for _, host in firing(url)} - {"host2", None}
         assert run_cluster(cluster_env, "link", "host2", "up").returncode == 0
         resolved = seconds_until(lambda: ("GreenflaskHostOutOfRotation", "host2") not in firing(url), 30, every=0.5)
+        # An overload: 60 pg_sleeps of 1 s a second through PgBouncer's 20 server connections.
+        overload = in_background(load_path, balancer(cluster_env), "/sleep/postgres/?seconds=1", 60, 45)
+        pool_alert = seconds_until(lambda: any(name == "GreenflaskPoolTimeouts" for name, _ in firing(url)), 70,
+                                   every=1, failure=lambda: str(firing(url)))
+        overload.join()
     finally:
         assert run_cluster(cluster_env, "down").returncode == 0
     assert not others, f"alerts about other hosts: {others}"
+    assert overload.result["error_codes"].get("pool_exhausted"), overload.result["statuses"]
     figure(f"Prometheus: host2's link down -> GreenflaskHostOutOfRotation and GreenflaskDatabaseUnreachable for "
-           f"host2 firing after {fired:.1f} s; host2 back in rotation -> resolved after {resolved:.1f} s")
+           f"host2 firing after {fired:.1f} s; host2 back in rotation -> resolved after {resolved:.1f} s; "
+           f"60 pg_sleeps a second -> GreenflaskPoolTimeouts firing after {pool_alert:.1f} s")
 
 
 def test_up_clears_what_a_killed_cluster_left_and_spares_a_live_one(cluster_env, figure):
