@@ -22,17 +22,22 @@ def run_loadtest(*args: str, shell_limit: str | None = None, timeout: float = 12
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def burst_against(start_server, env: dict, count: int, seconds: float, route: str, tmp_path):
+    """A server with `env`, one `python loadtest.py COUNT` burst against it: (its report, the run)."""
+    server = start_server("-k", "gevent", env=env)
+    try:
+        result = run_loadtest(str(count), "--url", server.base_url, "--seconds", str(seconds), "--routes", route,
+                              "--json", str(tmp_path / "r.json"))
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((tmp_path / "r.json").read_text())["reports"][0], result
+
+
 def test_2000_at_once_come_back_in_one_wave_with_the_defaults(start_server, seeded, tmp_path):
     """gunicorn's own default of 1,000 connections per worker would answer them in two waves."""
     # A long pool timeout: this test is about connections, not about the read after the sleep.
-    server = start_server("-k", "gevent", env={"DB_POOL_TIMEOUT": "30"})
-    try:
-        result = run_loadtest("2000", "--url", server.base_url, "--seconds", "2", "--routes", "python",
-                          "--json", str(tmp_path / "r.json"))
-    finally:
-        server.stop()
-    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
-    assert result.returncode == 0, result.stdout + result.stderr
+    report, _ = burst_against(start_server, {"DB_POOL_TIMEOUT": "30"}, 2000, 2, "python", tmp_path)
     assert report["statuses"] == {"200": 2000}
     assert report["ok_waves"] == [2000], report["ok_waves"]
     assert report["wall_named"] is None
@@ -40,14 +45,8 @@ def test_2000_at_once_come_back_in_one_wave_with_the_defaults(start_server, seed
 
 def test_waves_of_the_connection_limit_are_named(start_server, seeded, tmp_path):
     # A short keep-alive: each wave waits for the one before to close its connections.
-    server = start_server("-k", "gevent", env={"GUNICORN_WORKER_CONNECTIONS": "50", "GUNICORN_KEEPALIVE": "1"})
-    try:
-        result = run_loadtest("150", "--url", server.base_url, "--seconds", "0.5", "--routes", "python",
-                          "--json", str(tmp_path / "r.json"))
-    finally:
-        server.stop()
-    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
-    assert result.returncode == 0, result.stdout + result.stderr
+    env = {"GUNICORN_WORKER_CONNECTIONS": "50", "GUNICORN_KEEPALIVE": "1"}
+    report, result = burst_against(start_server, env, 150, 0.5, "python", tmp_path)
     assert report["statuses"] == {"200": 150}
     assert len(report["ok_waves"]) == 3 and min(report["ok_waves"]) >= 48, report["ok_waves"]
     named = "waves of 50: the worker's connection limit (GUNICORN_WORKER_CONNECTIONS 50)"
@@ -55,14 +54,8 @@ def test_waves_of_the_connection_limit_are_named(start_server, seeded, tmp_path)
 
 
 def test_waves_of_the_pool_are_named(start_server, seeded, tmp_path):
-    server = start_server("-k", "gevent", env={"DB_POOL_SIZE": "10", "DB_POOL_TIMEOUT": "30"})
-    try:
-        result = run_loadtest("30", "--url", server.base_url, "--seconds", "0.5", "--routes", "postgres",
-                          "--json", str(tmp_path / "r.json"))
-    finally:
-        server.stop()
-    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
-    assert result.returncode == 0, result.stdout + result.stderr
+    report, _ = burst_against(start_server, {"DB_POOL_SIZE": "10", "DB_POOL_TIMEOUT": "30"}, 30, 0.5, "postgres",
+                              tmp_path)
     assert report["ok_waves"] == [10, 10, 10]
     assert report["wall_named"] == "waves of 10: the pool (DB_POOL_SIZE 10 + DB_MAX_OVERFLOW 0)"
 
