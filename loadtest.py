@@ -917,11 +917,16 @@ def cli(ctx, target, url, seconds, routes, timeout, json_path, quiet, plot, conc
         if count < 1:
             raise click.UsageError("N must be >= 1")
     try:
-        # At most this many sockets at once: a burst's N, the closed loop's workers, the open
-        # loop's requests in flight (each ends by --timeout), the matrix's N.
-        in_flight = {"burst": lambda: count, "closed": lambda: concurrency, "matrix": lambda: matrix,
-                     "open": lambda: round(rate * min(duration, timeout)),
-                     "capacity": lambda: round(max_rate * min(duration, step_timeout(timeout, slo_seconds)))}[mode]()
+        # At most this many sockets at once: a burst's N, the closed loop's workers, the matrix's
+        # N, an open loop's requests in flight (each ends by its timeout).
+        if mode == "burst":
+            in_flight = count
+        elif mode in ("closed", "matrix"):
+            in_flight = concurrency or matrix
+        elif mode == "open":
+            in_flight = round(rate * min(duration, timeout))
+        else:
+            in_flight = round(max_rate * min(duration, step_timeout(timeout, slo_seconds)))
         ensure_open_files(in_flight)
         capacity, steps = None, []
         if mode == "matrix":

@@ -20,8 +20,9 @@ from greenflask.settings import Settings, Tools
 
 patch_psycopg()  # imported by the gevent worker after monkey-patching
 
-DSN = Tools.from_env().bench_dsn
-POOL_SIZE = Tools.from_env().bench_pool_size
+_TOOLS = Tools.from_env()
+DSN = _TOOLS.bench_dsn
+POOL_SIZE = _TOOLS.bench_pool_size
 POOL_TIMEOUT = Settings.from_env().pool_timeout
 QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
 BUSY = b'{"error":{"status":503,"code":"pool_exhausted"}}\n'

@@ -59,8 +59,9 @@ from greenflask import embedded, green, servers, sizing
 from greenflask.settings import Settings, Tools
 
 DEPLOY_DIR = Path(__file__).resolve().parent
-CLUSTER_DIR = Tools.from_env().cluster_dir
-CLUSTER_NET = Tools.from_env().cluster_net
+_TOOLS = Tools.from_env()
+CLUSTER_DIR = _TOOLS.cluster_dir
+CLUSTER_NET = _TOOLS.cluster_net
 APP_PORT = 8000
 PGBOUNCER_PORT = 6432
 INSTALL_HINT = "apt-get install pgbouncer haproxy  (Debian's packages)"

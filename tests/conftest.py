@@ -5,6 +5,9 @@ import asyncio
 import dataclasses
 import http.client
 import json
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -175,6 +178,28 @@ def client(database_url):
     app = create_app(dataclasses.replace(Settings.from_env(), database_url=database_url, pool_size=2))
     yield InProcess(app)
     db.engines(app).dispose()
+
+
+# --- the load tester, as a user runs it -----------------------------------------------------
+
+
+def run_loadtest(*args: str, env: dict | None = None, shell_limit: str | None = None,
+                 timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python loadtest.py ARGS` in the project folder, under `ulimit SHELL_LIMIT` when given."""
+    command = [sys.executable, "loadtest.py", *args]
+    if shell_limit:
+        command = ["bash", "-c", f'ulimit {shell_limit} && exec "$@"', "loadtest", *command]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def loadtest_report(url: str, *args: str, timeout: float = 180) -> dict:
+    """`python loadtest.py ARGS --url URL --quiet --json FILE`: its first report."""
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        run_loadtest(*args, "--url", url, "--quiet", "--json", str(out), timeout=timeout)
+        return json.loads(out.read_text())["reports"][0]
+    finally:
+        out.unlink()
 
 
 # --- servers -----------------------------------------------------------------------------

@@ -9,16 +9,12 @@ import time
 
 import pytest
 from conftest import ROOT
+from conftest import run_loadtest as run
 from slotserver import SlotServer
 
 import loadtest
 
 KNEE = 300
-
-
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "loadtest.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, in_background
+from conftest import ROOT, in_background, loadtest_report
 
 from deploy.cluster import pgbouncer_admin
 from greenflask import embedded, servers
@@ -99,14 +99,8 @@ def load(url: str, seconds: float, rate: int = 100) -> dict:
 
 
 def load_path(url: str, path: str, rate: int, seconds: float) -> dict:
-    """`python loadtest.py --rate RATE -d SECONDS PATH` through `url`, its figures as JSON."""
-    report = Path(tempfile.mkstemp(suffix=".json")[1])
-    command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(seconds), path, "--url", url,
-               "--quiet", "--json", str(report)]
-    subprocess.run(command, cwd=ROOT, capture_output=True, timeout=seconds + 60)
-    figures = json.loads(report.read_text())["reports"][0]
-    report.unlink()
-    return figures
+    """`python loadtest.py --rate RATE -d SECONDS PATH` through `url`: its report."""
+    return loadtest_report(url, "--rate", str(rate), "-d", str(seconds), path, timeout=seconds + 60)
 
 
 def under_load(url: str, action, rate: int = 100, seconds: float = 8):
@@ -209,14 +203,8 @@ def test_pgbouncer_restarted_online_drops_nothing(cluster, cluster_env, figure):
 
 
 def slow_burst(url: str, count: int, seconds: float, route: str) -> dict:
-    """`python loadtest.py COUNT --seconds S --routes ROUTE` through `url`; its report."""
-    report = Path(tempfile.mkstemp(suffix=".json")[1])
-    command = [sys.executable, "loadtest.py", str(count), "--seconds", str(seconds), "--routes", route,
-               "--url", url, "--quiet", "--json", str(report)]
-    subprocess.run(command, cwd=ROOT, capture_output=True, timeout=seconds + 90)
-    figures = json.loads(report.read_text())["reports"][0]
-    report.unlink()
-    return figures
+    """`python loadtest.py COUNT --seconds S --routes ROUTE` through `url`: its report."""
+    return loadtest_report(url, str(count), "--seconds", str(seconds), "--routes", route, timeout=seconds + 90)
 
 
 def test_rollout_replaces_every_host_dropping_nothing(cluster, cluster_env, figure):

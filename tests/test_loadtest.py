@@ -4,12 +4,10 @@ against the project's real server."""
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import run_loadtest as run
 from slotserver import SlotServer
 
 import loadtest
@@ -22,12 +20,6 @@ LINE = re.compile(r"^\t@ +\d+\.\d\ds got response \[200\]$", re.MULTILINE)
 def three_slots():
     with SlotServer(slots=3) as server:
         yield server
-
-
-def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "loadtest.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def test_three_slots_nine_requests_show_three_waves_of_three(three_slots, tmp_path):

@@ -3,21 +3,17 @@
 The database-down test stops and restarts a PostgreSQL of its own (embedded, in a temporary
 folder), so it never touches the shared server or the machine's own."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import (
-    ROOT,
     burst,
     busy_connections,
     in_background,
+    loadtest_report,
     open_connections,
     request,
     row_count,
@@ -191,12 +187,7 @@ def reload_under_load(server, signals) -> tuple[dict, dict, int | None]:
 
 
 def loadtest_json(server, *args: str) -> dict:
-    out = Path(tempfile.mkstemp(suffix=".json")[1])
-    subprocess.run([sys.executable, "loadtest.py", *args, "--url", server.base_url, "--quiet", "--json", str(out)],
-                   cwd=ROOT, capture_output=True, timeout=120)
-    report = json.loads(out.read_text())["reports"][0]
-    out.unlink()
-    return report
+    return loadtest_report(server.base_url, *args)
 
 
 def hup_twice(server) -> None:

@@ -4,22 +4,12 @@ The 10,000 figures are the benchmark's (BENCHMARKS.md, `make bench`)."""
 import json
 import re
 import resource
-import subprocess
-import sys
 import time
 
-from conftest import ROOT, in_background, request
+from conftest import in_background, request, run_loadtest
 from slotserver import SlotServer
 
 import loadtest
-
-
-def run_loadtest(*args: str, shell_limit: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python loadtest.py ARGS`, under `ulimit SHELL_LIMIT` when given (e.g. "-Sn 100")."""
-    command = [sys.executable, "loadtest.py", *args]
-    if shell_limit:
-        command = ["bash", "-c", f'ulimit {shell_limit} && exec "$@"', "loadtest", *command]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def burst_against(start_server, env: dict, count: int, seconds: float, route: str, tmp_path):
