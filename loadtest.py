@@ -668,14 +668,20 @@ async def find_capacity(base_url: str, path: str, percentile: str, slo: float, d
                         start: float, max_rate: float, max_seconds: float, steps: list, reports: list,
                         on_step) -> None:
     """Open-loop steps until the knee is found, appending to `steps` and `reports` as it
-    goes (so that a Ctrl-C keeps what was found); never past `max_seconds` in all."""
-    began, rate = time.monotonic(), min(start, max_rate)
+    goes (so that a Ctrl-C keeps what was found); never past `max_seconds` in all. A step
+    whose sends were late, though the client never fell behind for good, runs once more."""
+    began, rate, retried = time.monotonic(), min(start, max_rate), set()
     while rate is not None and time.monotonic() - began + duration + timeout <= max_seconds:
         report, outcomes = await open_loop(base_url, path, rate, duration, timeout, quiet=True,
                                            give_up_behind=GIVE_UP_BEHIND)
+        step = judge(report, outcomes, percentile, slo)
+        if step.client_behind and not report.client_behind and rate not in retried:
+            # Late sends without falling behind for good (a pause of this process): once more.
+            retried.add(rate)
+            continue
         reports.append(report)
-        steps.append(judge(report, outcomes, percentile, slo))
-        on_step(steps[-1])
+        steps.append(step)
+        on_step(step)
         rate = next_rate(steps, start, max_rate)
 
 
