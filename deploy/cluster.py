@@ -18,6 +18,12 @@ health checks (with 503), which is how HAProxy learns to route around it:
 Not root: no namespaces can be made; hosts listen on 127.0.0.1K and share one network.
 The namespaces, links and bridges are made in deploy/network.py.
 
+Only the app gets in (deploy/credentials.py): `up` makes the app a PostgreSQL role of its
+own with a new password, which the hosts read from a passfile (PGPASSFILE, mode 600);
+PgBouncer requires TLS and a SCRAM-SHA-256 proof, and the hosts verify its certificate
+(sslmode=verify-full) against a CA made at `up`. HAProxy's public side serves the API
+routes only: /metrics, /stats and /healthz are read on each host's own address.
+
 PostgreSQL is DATABASE_URL's server when set, otherwise the embedded one (EMBEDDED_PGDATA).
 Every host runs `gunicorn app:app -k gevent -w W` with this environment's DB_* settings.
 `--direct` leaves PgBouncer out (hosts connect straight to PostgreSQL), to compare.
@@ -47,6 +53,8 @@ from string import Template
 import click
 from sqlalchemy.engine import URL, make_url
 
+from deploy import credentials
+from deploy.credentials import ADMIN_USER, APP_ROLE, Credentials
 from deploy.network import (
     Network,
     ip,
@@ -165,7 +173,7 @@ def pgbouncer_database(name: str, server: URL) -> str:
 
 
 def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
-                     folder: Path, replica: URL | None = None, socket_dir: Path | None = None) -> str:
+                     files: Credentials, replica: URL | None = None, socket_dir: Path | None = None) -> str:
     """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online restart."""
     databases = [pgbouncer_database(server.database, server)]
     if replica is not None:
@@ -174,8 +182,10 @@ def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size:
         databases="\n".join(databases),
         listen_addr=listen_addr,
         listen_port=listen_port,
-        auth_file=folder / "pgbouncer-users.txt",
-        user=server.username or "postgres",
+        auth_file=files.auth_file,
+        admin_user=ADMIN_USER,
+        tls_cert_file=files.server_cert,
+        tls_key_file=files.server_key,
         pool_size=pool_size,
         max_client_conn=max_client_conn,
         unix_socket_dir=socket_dir or "",
@@ -186,33 +196,63 @@ def replica_database(server: URL) -> str:
     return f"{server.database}_replica"
 
 
-def start_pgbouncer(state: dict, server: URL, network: Network, pool_size: int, clients: int,
+def make_app_role(server: URL, files: Credentials) -> tuple[URL, str]:
+    """The app's own role with a new password (deploy/credentials.py) on the database of
+    `server` (a superuser's URL), its passfile; the URL the app connects with (no password
+    in it) and the role's SCRAM secret."""
+    files.make_folders()
+    password = credentials.new_password()
+    secret = credentials.make_app_role(libpq_dsn(server), password)
+    credentials.write_private(files.app_passfile, credentials.passfile(APP_ROLE, password))
+    return server.set(username=APP_ROLE, password=None), secret
+
+
+def libpq_dsn(server: URL) -> str:
+    """`server` as a libpq connection string (its query's parameters, e.g. passfile, kept)."""
+    return server.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, address: str,
+                            run_as: str | None) -> None:
+    """PgBouncer's auth_file (the app role's SCRAM secret, and its admin user's), the admin's
+    passfile, and a CA and certificate for `address`; its files readable by `run_as`."""
+    admin_password = credentials.new_password()
+    # libpq computes the secret on this side, over any connection: the app's own.
+    app = libpq_dsn(server.update_query_dict({"passfile": str(files.app_passfile)}))
+    admin_secret = credentials.scram_secret(app, ADMIN_USER, admin_password)
+    credentials.write_private(files.admin_passfile, credentials.passfile(ADMIN_USER, admin_password))
+    credentials.write_private(files.auth_file, f'"{APP_ROLE}" "{app_secret}"\n"{ADMIN_USER}" "{admin_secret}"\n',
+                              run_as)
+    credentials.make_certificates(files, [address], run_as)
+    if run_as:
+        shutil.chown(files.secrets, run_as)  # PgBouncer reads its key and auth_file in it
+
+
+def start_pgbouncer(state: dict, server: URL, app_secret: str, network: Network, pool_size: int, clients: int,
                     replica: URL | None) -> URL:
-    """PgBouncer in transaction mode for the database (and its replica); the URL the hosts
-    connect to."""
+    """PgBouncer in transaction mode for the database (and its replica), SCRAM and TLS
+    required from its clients; the URL the hosts connect to (the app's role, verify-full)."""
     executable = program("pgbouncer")
     address = network.pgbouncer_address()
     port = PGBOUNCER_PORT if network.namespaces else servers.free_port()
-    user = server.username or "postgres"
-    users_file = CLUSTER_DIR / "pgbouncer-users.txt"
-    # PgBouncer logs in to PostgreSQL with this password (none with trust auth).
-    users_file.write_text(f'"{user}" "{server.password or ""}"\n')
+    files = Credentials(CLUSTER_DIR)
+    run_as = run_as_user(server) if os.geteuid() == 0 else None
+    write_pgbouncer_secrets(files, server, app_secret, address, run_as)
     ini = CLUSTER_DIR / "pgbouncer.ini"
     socket_dir = CLUSTER_DIR / "pgbouncer-run"
     socket_dir.mkdir(mode=0o700, exist_ok=True)
-    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, CLUSTER_DIR, replica, socket_dir))
+    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, files, replica, socket_dir))
+    ini.chmod(0o644)
     command = [executable, str(ini)]
-    if os.geteuid() == 0:
-        run_as = run_as_user(server)
-        shutil.chown(users_file, run_as)
+    if run_as:
         shutil.chown(socket_dir, run_as)
         command[1:1] = ["-u", run_as]
-    users_file.chmod(0o600)
-    ini.chmod(0o644)
     state["pgbouncer"] = {"pid": None, "address": f"{address}:{port}", "pool_size": pool_size, "command": command,
-                          "admin_user": user}
+                          "admin_user": ADMIN_USER, "admin_passfile": str(files.admin_passfile),
+                          "ca": str(files.ca_cert)}
     run_pgbouncer(state)
-    return server.set(host=address, port=port, query={})
+    return server.set(host=address, port=port,
+                      query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert)})
 
 
 def run_pgbouncer(state: dict) -> None:
@@ -246,7 +286,8 @@ def pgbouncer_admin(pgbouncer: dict, command: str) -> list[dict]:
 
     address, port = pgbouncer["address"].rsplit(":", 1)
     connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=pgbouncer["admin_user"],
-                                  connect_timeout=5)
+                                  passfile=pgbouncer["admin_passfile"], sslmode="verify-full",
+                                  sslrootcert=pgbouncer["ca"], connect_timeout=5)
     try:
         connection.autocommit = True  # the console takes no BEGIN
         with connection.cursor() as cursor:
@@ -270,7 +311,8 @@ def start_host(state: dict, network: Network, number: int, workers: int, databas
     # host's gunicorn was killed (its exit hook, which would remove its own, never ran).
     metrics_dir = metrics_folder(network, number)
     env = {"DATABASE_URL": database_url.render_as_string(hide_password=False),
-           "DB_PGBOUNCER": "1" if pgbouncer else "0", "HOST_NAME": name, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+           "DB_PGBOUNCER": "1" if pgbouncer else "0", "HOST_NAME": name, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "PGPASSFILE": state["passfile"]}
     if read_url is not None:
         env["DATABASE_READ_URL"] = read_url.render_as_string(hide_password=False)
     command = servers.gunicorn_command(f"{address}:{APP_PORT}", ["-k", "gevent", "-w", str(workers)])
@@ -309,8 +351,9 @@ def host_is_healthy(host: dict) -> bool:
 
 def haproxy_config(bind: str, exporter_bind: str, admin_socket: Path, hosts: list[dict]) -> str:
     """deploy/haproxy.cfg with this cluster's values and a `server` line per host."""
-    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(bind=bind, exporter_bind=exporter_bind,
-                                                                         admin_socket=admin_socket)
+    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(
+        bind=bind, exporter_bind=exporter_bind, admin_socket=admin_socket,
+        max_body_bytes=Settings.from_env().max_body_bytes)
     return text + "".join(f"    server {host['name']} {host['address']}:{host['port']}\n" for host in hosts)
 
 
@@ -437,7 +480,8 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
     if network.namespaces and (removed := remove_stale_network(network)):
         click.echo(f"network: removed what a cluster killed before `down` left: {', '.join(removed)}")
     state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
-             "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None, "prometheus": None}
+             "passfile": None, "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None,
+             "prometheus": None}
     save_state(state)
     try:
         _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica)
@@ -467,16 +511,22 @@ def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int
     click.echo(f"PostgreSQL: {state['postgres']['url']}")
     seed(database_url, pgbouncer=not direct)
     replica_url = start_replica(state, database_url) if replica else None
+    app_url, app_secret = make_app_role(database_url, Credentials(CLUSTER_DIR))
+    state["passfile"] = str(Credentials(CLUSTER_DIR).app_passfile)
+    save_state(state)
+    click.echo(f"app role: {APP_ROLE}, its password in {state['passfile']} (mode 600)")
     if replica:
         click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
     settings = Settings.from_env()
     # With a replica every worker has two pools, one to each database.
     clients = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow) * (2 if replica else 1)
     read_url = None
-    if not direct:
-        database_url = start_pgbouncer(state, database_url, network, pgbouncer_pool, clients, replica_url)
+    if direct:
+        database_url = app_url
+    else:
+        database_url = start_pgbouncer(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url)
         click.echo(f"PgBouncer: {state['pgbouncer']['address']} (transaction mode, {pgbouncer_pool} server "
-                   f"connections for {clients} app connections)")
+                   f"connections for {clients} app connections; SCRAM and TLS required)")
         if replica:
             read_url = database_url.set(database=replica_database(database_url))
     for number in range(1, hosts + 1):
@@ -499,6 +549,7 @@ def status(as_json: bool) -> None:
         raise click.ClickException("no cluster is up")
     states = haproxy_server_states(state["haproxy"]["admin_socket"]) if state.get("haproxy") else {}
     report = {
+        "passfile": state.get("passfile"),
         "hosts": [{"name": host["name"], "address": host["address"], "gunicorn_pid": host["gunicorn_pid"],
                    "healthy": host_is_healthy(host), "haproxy": states.get(host["name"])} for host in state["hosts"]],
         "pgbouncer": _with_alive(state.get("pgbouncer")),
@@ -674,6 +725,7 @@ def _tear_down(state: dict) -> None:
     postgres = state.get("postgres") or {}
     if postgres.get("started"):
         embedded.stop(Path(postgres["pgdata"]))
+    Credentials(CLUSTER_DIR).remove()
     if state["namespaces"]:
         remove_network(Network(state["net"], namespaces=True), state["planned_hosts"])
     state_path().unlink(missing_ok=True)

@@ -73,6 +73,7 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
 class Settings:
     database_url: str | None
     database_read_url: str | None
+    passfile: str | None
     pool_size: int
     max_overflow: int
     pool_timeout: float
@@ -99,6 +100,8 @@ class Settings:
             database_url=env_text("DATABASE_URL"),
             # A streaming replica for read-only sessions; writes always go to DATABASE_URL.
             database_read_url=env_text("DATABASE_READ_URL"),
+            # libpq's own variable, read by libpq: the password in a file (mode 600), not in the URL.
+            passfile=env_text("PGPASSFILE"),
             # One worker must hold `python loadtest.py 100` in one wave: 100 connections,
             # fixed size (overflow connections are closed on return, which makes waves).
             pool_size=env_number("DB_POOL_SIZE", 100, minimum=1),

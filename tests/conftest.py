@@ -2,9 +2,12 @@
 processes on free ports, each stopped by its PID when its test or module ends."""
 
 import asyncio
+import contextlib
 import dataclasses
 import http.client
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -200,6 +203,56 @@ def loadtest_report(url: str, *args: str, timeout: float = 180) -> dict:
         return json.loads(out.read_text())["reports"][0]
     finally:
         out.unlink()
+
+
+# --- the cluster (deploy/cluster.py), as a user runs it ---------------------------------------
+
+CLUSTER = [sys.executable, "-m", "deploy.cluster"]
+
+
+@contextlib.contextmanager
+def cluster_environment(net: str):
+    """The environment a test module's cluster commands run with: CLUSTER_NET `net` (not the
+    default, so a user's cluster may run beside), a temporary state folder, an embedded
+    PostgreSQL of the module's own (never DATABASE_URL's), and short bounds so that faults
+    show within a test's time."""
+    folder = Path(tempfile.mkdtemp(prefix="greenflask-cluster-test-"))
+    pgdata = folder / "pgdata"
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(CLUSTER_HOST_ENV, CLUSTER_DIR=str(folder / "state"), CLUSTER_NET=net, EMBEDDED_PGDATA=str(pgdata))
+    try:
+        yield env
+    finally:
+        embedded.stop(pgdata)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+CLUSTER_HOST_ENV = {"DB_CONNECT_TIMEOUT": "1", "DB_POOL_SIZE": "20", "DB_STATEMENT_TIMEOUT": "10000"}
+
+
+def run_cluster(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLUSTER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cluster_status(env: dict) -> dict:
+    answer = run_cluster(env, "status", "--json")
+    assert answer.returncode == 0, answer.stderr
+    return json.loads(answer.stdout)
+
+
+@contextlib.contextmanager
+def cluster_up(env: dict, *args: str):
+    """`up ARGS` on a free port (its balancer URL), then `down`, whatever happened between."""
+    started = run_cluster(env, "up", *args, "--port", str(servers.free_port()))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        stopped = run_cluster(env, "down")
+        assert stopped.returncode == 0, stopped.stderr
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        prefix = "gf" + env["CLUSTER_NET"].split(".")[1] + "-"
+        assert prefix not in namespaces, "down removed the namespaces"
 
 
 # --- servers -----------------------------------------------------------------------------

@@ -12,69 +12,41 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, in_background, loadtest_report
+from conftest import cluster_environment, cluster_status, cluster_up, in_background, loadtest_report, run_cluster
 
-from deploy.cluster import pgbouncer_admin
+from deploy.cluster import haproxy_servers, pgbouncer_admin
 from greenflask import embedded, servers
 from greenflask.settings import Settings
 
-CLUSTER = [sys.executable, "-m", "deploy.cluster"]
 NEEDED = [name for name in ("pgbouncer", "haproxy")
           if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
 pytestmark = [
     pytest.mark.skipif(bool(NEEDED), reason=f"not installed: apt-get install {' '.join(NEEDED)}"),
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
 ]
-# Short bounds, so that the faults show within a test's time.
-HOST_ENV = {"DB_CONNECT_TIMEOUT": "1", "DB_POOL_SIZE": "20", "DB_STATEMENT_TIMEOUT": "10000"}
 
 
 @pytest.fixture(scope="module")
 def cluster_env():
     """The environment every cluster command of this module runs with."""
-    folder = Path(tempfile.mkdtemp(prefix="greenflask-cluster-test-"))
-    pgdata = folder / "pgdata"
-    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
-    env.update(HOST_ENV, CLUSTER_DIR=str(folder / "state"), CLUSTER_NET="10.78", EMBEDDED_PGDATA=str(pgdata))
-    yield env
-    embedded.stop(pgdata)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def run_cluster(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLUSTER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with cluster_environment("10.78") as env:
+        yield env
 
 
 @pytest.fixture
 def cluster(cluster_env):
     """`up --hosts 3` (its balancer URL), then `down`, whatever the test did."""
-    port = servers.free_port()
-    started = run_cluster(cluster_env, "up", "--hosts", "3", "--port", str(port))
-    try:
-        assert started.returncode == 0, started.stderr + started.stdout
-        yield started.stdout.strip().splitlines()[-1]
-    finally:
-        stopped = run_cluster(cluster_env, "down")
-        assert stopped.returncode == 0, stopped.stderr
-        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "gf78-" not in namespaces, "down removed the namespaces"
-
-
-def status(env: dict) -> dict:
-    answer = run_cluster(env, "status", "--json")
-    assert answer.returncode == 0, answer.stderr
-    return json.loads(answer.stdout)
+    with cluster_up(cluster_env, "--hosts", "3") as balancer:
+        yield balancer
 
 
 def haproxy_states(env: dict) -> dict:
-    return {host["name"]: host["haproxy"] for host in status(env)["hosts"]}
+    return {host["name"]: host["haproxy"] for host in cluster_status(env)["hosts"]}
 
 
 def wait_for_state(env: dict, host: str, wanted: str, within: float) -> float:
@@ -123,22 +95,25 @@ def failed(figures: dict) -> int:
 
 
 def test_up_serves_through_every_host(cluster, cluster_env, figure):
-    report = status(cluster_env)
-    hosts_seen = {get_json(cluster + "/stats")["host"] for _ in range(9)}
+    report = cluster_status(cluster_env)
+    hosts_seen = {get_json(f"http://{host['address']}:8000/stats")["host"] for host in report["hosts"]}
+    before = requests_by_host(report)
     figures = load(cluster, seconds=3)
+    served = {name: count - before[name] for name, count in requests_by_host(report).items()}
 
     assert [host["name"] for host in report["hosts"]] == ["host1", "host2", "host3"]
     assert all(host["healthy"] and host["haproxy"] == "UP" for host in report["hosts"])
     assert all(host["address"].startswith("10.78.1.") for host in report["hosts"]), "own namespaces"
     assert all(report[part]["running"] and report[part]["pid"] for part in ("pgbouncer", "haproxy", "postgres"))
-    assert hosts_seen == {"host1", "host2", "host3"}, "HAProxy balances over every host"
+    assert hosts_seen == {"host1", "host2", "host3"}, "each host names itself in its own /stats"
+    assert all(count >= 50 for count in served.values()), f"HAProxy balances over every host: {served}"
     assert figures["statuses"] == {"200": 300}, figures["statuses"]
     figure(f"cluster up: 3 hosts in namespaces behind HAProxy, PgBouncer in front of PostgreSQL; "
            f"300 GET /todos at 100/s all 200, p99 {figures['latency_service']['p99'] * 1000:.1f} ms")
 
 
 def test_host_killed_under_load(cluster, cluster_env, figure):
-    victim = status(cluster_env)["hosts"][0]
+    victim = cluster_status(cluster_env)["hosts"][0]
 
     def crash_host1() -> float:
         os.killpg(victim["gunicorn_pid"], signal.SIGKILL)  # the master and its workers, as a crash
@@ -154,7 +129,7 @@ def test_host_killed_under_load(cluster, cluster_env, figure):
 
 
 def test_host_cut_from_the_database(cluster, cluster_env, figure):
-    host2 = next(host for host in status(cluster_env)["hosts"] if host["name"] == "host2")
+    host2 = next(host for host in cluster_status(cluster_env)["hosts"] if host["name"] == "host2")
     running = in_background(load, cluster, 14, 100)
     time.sleep(2)
     assert run_cluster(cluster_env, "link", "host2", "down").returncode == 0
@@ -190,9 +165,9 @@ def test_postgres_restarted_behind_pause_resume(cluster, cluster_env, figure):
 
 
 def test_pgbouncer_restarted_online_drops_nothing(cluster, cluster_env, figure):
-    before = status(cluster_env)["pgbouncer"]["pid"]
+    before = cluster_status(cluster_env)["pgbouncer"]["pid"]
     restarted, figures = under_load(cluster, lambda: run_cluster(cluster_env, "restart", "pgbouncer"))
-    after = status(cluster_env)["pgbouncer"]
+    after = cluster_status(cluster_env)["pgbouncer"]
 
     assert restarted.returncode == 0, restarted.stderr
     assert after["pid"] != before and after["running"], "a new PgBouncer process serves"
@@ -208,7 +183,7 @@ def slow_burst(url: str, count: int, seconds: float, route: str) -> dict:
 
 
 def test_rollout_replaces_every_host_dropping_nothing(cluster, cluster_env, figure):
-    before = {host["name"]: host["gunicorn_pid"] for host in status(cluster_env)["hosts"]}
+    before = {host["name"]: host["gunicorn_pid"] for host in cluster_status(cluster_env)["hosts"]}
     running = in_background(load, cluster, 24, 150)
     # Slow requests in flight when the first hosts are drained: sleeps, and pg_sleeps within
     # PgBouncer's pool (a larger burst of those would wait for its pool, not for the rollout).
@@ -218,7 +193,7 @@ def test_rollout_replaces_every_host_dropping_nothing(cluster, cluster_env, figu
     rolled = run_cluster(cluster_env, "rollout", timeout=200)
     for thread in (running, sleeps, pg_sleeps):
         thread.join()
-    after = {host["name"]: host for host in status(cluster_env)["hosts"]}
+    after = {host["name"]: host for host in cluster_status(cluster_env)["hosts"]}
     figures = running.result
 
     assert rolled.returncode == 0, rolled.stderr + rolled.stdout
@@ -264,7 +239,7 @@ def test_rollout_stops_at_a_host_that_does_not_come_back(cluster, cluster_env):
 
 
 def balancer(env: dict) -> str:
-    return status(env)["haproxy"]["url"]
+    return cluster_status(env)["haproxy"]["url"]
 
 
 def firing(prometheus: str) -> set[tuple[str, str]]:
@@ -279,7 +254,7 @@ def test_an_alert_names_the_host_cut_from_its_database(cluster_env, figure):
     started = run_cluster(cluster_env, "up", "--hosts", "3", "--monitoring", "--port", str(servers.free_port()))
     try:
         assert started.returncode == 0, started.stderr + started.stdout
-        prometheus = status(cluster_env)["prometheus"]
+        prometheus = cluster_status(cluster_env)["prometheus"]
         assert prometheus["running"], prometheus
         url = prometheus["url"]
         seconds_until(lambda: get_json(url + "/api/v1/query?query=up")["data"]["result"], 20, every=0.5)
@@ -341,7 +316,7 @@ def test_up_with_database_url(cluster_env, figure):
         assert started.returncode == 0, started.stderr + started.stdout
         balancer = started.stdout.strip().splitlines()[-1]
         todos = get_json(balancer + "/todos")
-        report = status(env)
+        report = cluster_status(env)
     finally:
         assert run_cluster(env, "down").returncode == 0
     assert len(todos["todos"]) == 50
@@ -356,14 +331,14 @@ def test_replica_serves_the_reads(cluster_env, figure):
     try:
         assert started.returncode == 0, started.stderr + started.stdout
         balancer = started.stdout.strip().splitlines()[-1]
-        report = status(cluster_env)
+        report = cluster_status(cluster_env)
         created = post_json(balancer + "/todos", {"title": "written to the primary"})
         visible_after = seconds_until(lambda: servers.status_of(f"{balancer}/todos/{created['id']}") == 200, 5)
         before = transactions_by_database(report["pgbouncer"])
         for _ in range(50):
             get_json(balancer + "/todos")
         after = transactions_by_database(report["pgbouncer"])
-        stats = get_json(balancer + "/stats")["replica"]
+        stats = get_json(f"http://{report['hosts'][0]['address']}:8000/stats")["replica"]
     finally:
         assert run_cluster(cluster_env, "down").returncode == 0
     on_replica = after["greenflask_replica"] - before["greenflask_replica"]
@@ -375,6 +350,11 @@ def test_replica_serves_the_reads(cluster_env, figure):
            f"{visible_after * 1000:.0f} ms; 50 GET /todos: {on_replica} transactions on the replica, "
            f"{on_primary} on the primary (PgBouncer's SHOW STATS); "
            f"/stats lag {stats['lag_seconds']:.3f} s")
+
+
+def requests_by_host(report: dict) -> dict[str, int]:
+    """{host: requests HAProxy has sent it} (its admin socket's `stot`)."""
+    return {name: int(row["stot"]) for name, row in haproxy_servers(report["haproxy"]["admin_socket"]).items()}
 
 
 def post_json(url: str, body: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The app behind a real PgBouncer in transaction pooling mode (Debian's `pgbouncer`).
+"""The app behind a real PgBouncer in transaction pooling mode (Debian's `pgbouncer`), configured as
+the cluster configures it: the app's own role, SCRAM-SHA-256, TLS checked with verify-full.
 
 PgBouncer refuses to run as root: as root it is started with `-u` as the user that owns the
 database's socket folder (the embedded server) or `postgres`. It is stopped by its PID.
@@ -17,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from deploy import cluster
+from deploy.credentials import Credentials
 from greenflask import PROJECT_DIR, embedded, servers
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -44,20 +46,22 @@ def pgbouncer(database_url):
     folder.chmod(0o755)
     port = servers.free_port()
     server = server_url.set(database=DATABASE)
-    (folder / "pgbouncer-users.txt").write_text(f'"{server.username or "postgres"}" ""\n')
+    run_as = cluster.run_as_user(server) if os.geteuid() == 0 else None
+    # As the cluster does it: the app's role, SCRAM secrets, a certificate for 127.0.0.1, and
     # deploy/pgbouncer.ini, the cluster's own template, with a pool of 10 on 127.0.0.1.
-    (folder / "pgbouncer.ini").write_text(cluster.pgbouncer_config(server, "127.0.0.1", port, POOL_SIZE, 500, folder))
-    for path in folder.iterdir():
-        path.chmod(0o644)
+    files = Credentials(folder)
+    app, secret = cluster.make_app_role(server, files)
+    cluster.write_pgbouncer_secrets(files, app, secret, "127.0.0.1", run_as)
+    (folder / "pgbouncer.ini").write_text(cluster.pgbouncer_config(app, "127.0.0.1", port, POOL_SIZE, 500, files))
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
-    if os.geteuid() == 0:
-        command[1:1] = ["-u", cluster.run_as_user(server)]
+    if run_as:
+        command[1:1] = ["-u", run_as]
     process = servers.spawn(command, folder / "pgbouncer.log")  # PgBouncer logs to stderr
-    url = server_url.set(host="127.0.0.1", port=port, database=DATABASE, query={})
+    url = app.set(host="127.0.0.1", port=port, query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert)})
     try:
         servers.wait_until(lambda: servers.port_open("127.0.0.1", port) or process.poll() is not None, "PgBouncer")
         assert process.poll() is None, (folder / "pgbouncer.log").read_text()
-        yield url.render_as_string(hide_password=False), folder / "pgbouncer.log"
+        yield url.render_as_string(hide_password=False), folder / "pgbouncer.log", str(files.app_passfile)
     finally:
         servers.stop(process.pid, grace=10)
         with engine.connect() as conn:
@@ -73,8 +77,8 @@ def run_seed(env: dict) -> subprocess.CompletedProcess:
 
 
 def test_without_the_setting_pgbouncer_refuses_the_startup_options(start_server, pgbouncer):
-    url, log = pgbouncer
-    server = start_server("-k", "gevent", database=url, env={"DB_POOL_SIZE": "5"})
+    url, log, passfile = pgbouncer
+    server = start_server("-k", "gevent", database=url, env={"DB_POOL_SIZE": "5", "PGPASSFILE": passfile})
     try:
         answer = server.get("/todos")
     finally:
@@ -84,9 +88,8 @@ def test_without_the_setting_pgbouncer_refuses_the_startup_options(start_server,
 
 
 def test_behind_pgbouncer_with_db_pgbouncer_1(start_server, pgbouncer, figure):
-    url, _ = pgbouncer
-    seeded = run_seed({"DATABASE_URL": url, "DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500"})
-    env = {"DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500", "DB_POOL_SIZE": "30"}
+    url, _, passfile = pgbouncer
+    env = {"DB_PGBOUNCER": "1", "DB_STATEMENT_TIMEOUT": "500", "DB_POOL_SIZE": "30", "PGPASSFILE": passfile}
     server = start_server("-k", "gevent", database=url, env=env)
     try:
         todos = server.get("/todos")
@@ -95,7 +98,6 @@ def test_behind_pgbouncer_with_db_pgbouncer_1(start_server, pgbouncer, figure):
         after = server.get("/todos")
     finally:
         server.stop()
-    assert seeded.returncode == 0, "seed.py works through PgBouncer: " + seeded.stderr
     assert "statement timeout differs" not in server.log()
     assert todos.status == 200 and len(todos.json()["todos"]) == 50
     assert_error(slow, 504, "statement_timeout")
