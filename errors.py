@@ -85,6 +85,10 @@ def _database_error(error: sa_exc.DBAPIError):
         return _database_unavailable(f"{cause} (bound in the worker)")
     if isinstance(error.orig, pg_errors.QueryCanceled):
         return _statement_timeout(cause)
+    if isinstance(error.orig, pg_errors.ReadOnlySqlTransaction):
+        # A write reached a server that is (now) a replica: the primary moved (a failover
+        # or switchover) and the balancer has not yet seen it. Retrying soon works.
+        return _database_unavailable(cause)
     if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
         health.note_failure()
         return _database_unavailable(cause)

@@ -11,11 +11,13 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    DateTime,
     Identity,
     Integer,
     MetaData,
     String,
     Table,
+    Text,
     bindparam,
     delete,
     func,
@@ -27,6 +29,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 TITLE_MAX_LENGTH = 60
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
 PRIORITY_MIN, PRIORITY_MAX = 0, 9
 
 metadata = MetaData()
@@ -40,6 +43,21 @@ todos = Table(
     Column("priority", Integer, nullable=False, server_default="0"),
     CheckConstraint(f"char_length(title) BETWEEN 1 AND {TITLE_MAX_LENGTH}", name="title_length"),
     CheckConstraint(f"priority BETWEEN {PRIORITY_MIN} AND {PRIORITY_MAX}", name="priority_range"),
+)
+
+# `Idempotency-Key` on POST /todos: the first answer to a key, stored in the transaction
+# that made the row, so a client that lost the answer (a failover, a timeout) can send the
+# request again and get that answer instead of a second row. `fingerprint` is the request's
+# fields: the same key with other fields is refused (IETF draft "The Idempotency-Key HTTP
+# Header Field", 422).
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key", String(IDEMPOTENCY_KEY_MAX_LENGTH), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("status", Integer),
+    Column("body", Text),  # the answer's bytes as sent, so a replay is the same answer
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 
@@ -87,6 +105,25 @@ def get_todo(session: Session, todo_id: int) -> dict | None:
 def create_todo(session: Session, fields: dict) -> dict:
     row = session.execute(insert(todos).values(**fields).returning(todos)).mappings().one()
     return dict(row)
+
+
+def claim_idempotency_key(session: Session, key: str, fingerprint: str) -> dict | None:
+    """None when this request is the first with `key` (it now holds the key until its
+    transaction ends); otherwise what the first one stored: fingerprint, status, body. A
+    request with the same key still in flight is waited for (the key's unique index)."""
+    claimed = session.execute(
+        postgresql.insert(idempotency_keys).values(key=key, fingerprint=fingerprint)
+        .on_conflict_do_nothing().returning(idempotency_keys.c.key)
+    ).first()
+    if claimed:
+        return None
+    stored = select(idempotency_keys.c.fingerprint, idempotency_keys.c.status, idempotency_keys.c.body)
+    return dict(session.execute(stored.where(idempotency_keys.c.key == key)).mappings().one())
+
+
+def store_answer(session: Session, key: str, status: int, body: str) -> None:
+    """The answer to the request that claimed `key`, committed with its work."""
+    session.execute(update(idempotency_keys).where(idempotency_keys.c.key == key).values(status=status, body=body))
 
 
 def update_todo(session: Session, todo_id: int, fields: dict) -> dict | None:

@@ -6,7 +6,7 @@ from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from errors import ApiError, not_found
-from models import PRIORITY_MAX, PRIORITY_MIN, TITLE_MAX_LENGTH
+from models import IDEMPOTENCY_KEY_MAX_LENGTH, PRIORITY_MAX, PRIORITY_MIN, TITLE_MAX_LENGTH
 
 DEFAULT_SLEEP_SECONDS = 5.0
 DEFAULT_PAGE_LIMIT = 100
@@ -95,6 +95,16 @@ def _refuse_long_streamed_body(request: Request) -> None:
         return
     if len(request.get_data(cache=True)) >= limit and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
+
+
+def idempotency_key(headers) -> str | None:
+    """The `Idempotency-Key` header: 1 to 255 visible ASCII characters, or absent."""
+    key = headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH or not all("!" <= c <= "~" for c in key):
+        raise bad_request(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} visible ASCII characters")
+    return key
 
 
 def todo_fields(body: dict, partial: bool) -> dict:

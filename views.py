@@ -1,5 +1,7 @@
 """The routes, in one Blueprint: the original demo's two sleeps, the todos, health and stats."""
 
+import hashlib
+import json
 import os
 import time
 
@@ -8,7 +10,7 @@ from flask import Blueprint, jsonify, request, url_for
 import db
 import models
 import validation
-from errors import not_found
+from errors import ApiError, not_found
 from greenflask import connections, green, limits, loopblock, metrics, settings
 
 bp = Blueprint("todos", __name__)
@@ -39,10 +41,27 @@ def list_todos():
 
 @bp.post("/todos")
 def create_todo():
+    """201 and the new todo. With `Idempotency-Key`, a request sent again gets the first
+    answer (and `Idempotent-Replayed: true`) instead of a second row."""
     fields = validation.todo_fields(validation.json_object(request), partial=False)
+    key = validation.idempotency_key(request.headers)
     session = db.write_session()
-    todo = models.create_todo(session, fields)
+    if key is not None:
+        fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        if (first := models.claim_idempotency_key(session, key, fingerprint)) is not None:
+            if first["fingerprint"] != fingerprint:
+                raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was sent with other fields")
+            response = _created(json.loads(first["body"]))
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+    response = _created(models.create_todo(session, fields))
+    if key is not None:
+        models.store_answer(session, key, response.status_code, response.get_data(as_text=True))
     session.commit()
+    return response
+
+
+def _created(todo: dict):
     response = jsonify(todo)
     response.status_code = 201
     response.headers["Location"] = url_for("todos.get_todo", todo_id=todo["id"])

@@ -121,14 +121,14 @@ def request(url: str, method: str = "GET", body=None, headers=None, timeout: flo
         connection.close()
 
 
-def send_many(method: str, url: str, bodies: list, timeout: float = 60) -> list[Answer]:
+def send_many(method: str, url: str, bodies: list, timeout: float = 60, headers: dict | None = None) -> list[Answer]:
     """One concurrent request per body (None: no body), each answer with its headers."""
 
     async def one(session, body):
         try:
-            async with session.request(method, url, json=body) as response:
-                headers = {key.lower(): value for key, value in response.headers.items()}
-                return Answer(response.status, headers, await response.read())
+            async with session.request(method, url, json=body, headers=headers) as response:
+                answered = {key.lower(): value for key, value in response.headers.items()}
+                return Answer(response.status, answered, await response.read())
         except (aiohttp.ClientError, TimeoutError) as error:
             return Answer(0, {}, repr(error).encode())
 

@@ -2,9 +2,11 @@
 
 import threading
 import time
+import uuid
 
 import pytest
-from conftest import assert_error, burst, busy_connections, request
+from conftest import assert_error, burst, busy_connections, request, send_many
+from sqlalchemy import text
 
 SLEEP_ROUTES = ["/sleep/python/", "/sleep/postgres/"]
 
@@ -157,3 +159,29 @@ def test_workers_warn_when_pools_exceed_max_connections(start_server):
     log = server.log()
     assert "pool may exceed the server: 2 workers x (pool_size 400 + max_overflow 0) = 800" in log
     assert "mode=gevent wait_callback=on pool_size=400 max_overflow=0" in log
+
+
+# --- Idempotency-Key ---------------------------------------------------------------------
+
+
+def test_a_create_sent_again_with_its_idempotency_key_makes_one_row(green_server, engine, figure):
+    """Ten copies at once and one later, as a client that lost its answers would send them:
+    one row, and every answer the first one."""
+    key = str(uuid.uuid4())
+    title = f"once {key[:8]}"
+    url = green_server.url("/todos")
+    answers = send_many("POST", url, [{"title": title}] * 10, headers={"Idempotency-Key": key})
+    later = request(url, "POST", {"title": title}, headers={"Idempotency-Key": key})
+    other_fields = request(url, "POST", {"title": "something else"}, headers={"Idempotency-Key": key})
+    bad_key = request(url, "POST", {"title": title}, headers={"Idempotency-Key": "x" * 256})
+    with engine.connect() as conn:
+        rows = conn.scalar(text("SELECT count(*) FROM todos WHERE title = :title"), {"title": title})
+
+    assert [answer.status for answer in answers] == [201] * 10, answers
+    assert len({answer.body for answer in [*answers, later]}) == 1, "every answer is the first one"
+    assert later.status == 201 and later.headers["idempotent-replayed"] == "true"
+    assert sum(answer.headers.get("idempotent-replayed") == "true" for answer in answers) == 9
+    assert rows == 1
+    assert_error(other_fields, 422, "idempotency_key_reused")
+    assert_error(bad_key, 400, "bad_request")
+    figure(f"Idempotency-Key: 10 concurrent POSTs and 1 later with one key -> 11 x 201, one body, {rows} row")
