@@ -17,15 +17,16 @@ request_id: ContextVar[str | None] = ContextVar("greenflask_request_id", default
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds the running request's id to every record (None outside a request); for text,
-    also ` request_id=ID` to end the line with."""
+    """Adds the running request's id to every record (None outside a request) unless the
+    record names one itself (`extra`: a loop block reported for the request that caused
+    it); for text, also ` request_id=ID` to end the line with."""
 
     def __init__(self, text: bool):
         super().__init__()
         self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        record.request_id = getattr(record, "request_id", None) or request_id.get()
         if self.text:
             record.request_suffix = f" request_id={record.request_id}" if record.request_id else ""
         return True

@@ -4,7 +4,7 @@ Blocking is silent under gevent: a call that does not yield (psycopg2 without th
 wait callback, a CPU-bound loop, a C library doing I/O) stops every other request of the
 worker, and from outside it only looks slow. gevent's own monitor thread checks every
 `max_blocking_time` whether the loop switched; when it did not, it emits `EventLoopBlocked`
-with the blocking greenlet's stack.
+with the blocking greenlet's stack, and the request it was serving (requestid.running).
 
 Here those events are grouped into blocks (consecutive reports for one greenlet), and each
 block is logged once, with its length and the project's own frames in the stack
@@ -19,13 +19,13 @@ import time
 from collections import deque
 from pathlib import Path
 
-from greenflask import PROJECT_DIR, metrics
+from greenflask import PROJECT_DIR, metrics, requestid
 
 log = logging.getLogger("greenflask.loop")
 
 # The project's own files: the app at the top and this package.
 OWN_FOLDERS = (PROJECT_DIR, Path(__file__).resolve().parent)
-_reports: deque = deque()  # (monotonic time, greenlet id, stack lines), from the monitor thread
+_reports: deque = deque()  # (monotonic time, greenlet id, stack lines, request id), from the monitor thread
 _period = 0.1
 _current: dict | None = None  # the block being grouped: first/last report, greenlet, frames
 stats = {"count": 0, "longest_seconds": 0.0}  # this worker's, for /stats
@@ -54,7 +54,8 @@ def _on_event(event) -> None:
     from gevent.events import EventLoopBlocked
 
     if isinstance(event, EventLoopBlocked):
-        _reports.append((time.monotonic(), id(event.greenlet), list(event.info)))
+        blocker = id(event.greenlet)
+        _reports.append((time.monotonic(), blocker, list(event.info), requestid.running.get(blocker)))
 
 
 def _report_forever() -> None:
@@ -73,7 +74,7 @@ def report_blocks() -> None:
     """
     global _current
     while _reports:
-        seen_at, greenlet_id, lines = _reports.popleft()
+        seen_at, greenlet_id, lines, request_id = _reports.popleft()
         same_block = (
             _current is not None
             and _current["greenlet"] == greenlet_id
@@ -83,7 +84,8 @@ def report_blocks() -> None:
             _current["last"] = seen_at
         else:
             _end_block()
-            _current = {"first": seen_at, "last": seen_at, "greenlet": greenlet_id, "where": project_frames(lines)}
+            _current = {"first": seen_at, "last": seen_at, "greenlet": greenlet_id, "where": project_frames(lines),
+                        "request_id": request_id}
     _end_block()
 
 
@@ -94,7 +96,9 @@ def _end_block() -> None:
     # Reported at each check (one per period) that saw no switch: the first report comes one
     # to two periods after the block began, the last up to one period before it ended.
     seconds = _current["last"] - _current["first"] + 2 * _period
-    log.warning("event loop blocked for %.2f s in %s", seconds, _current["where"] or "(no frame of this project)")
+    # Logged by the reporting greenlet, in the name of the request that blocked the loop.
+    log.warning("event loop blocked for %.2f s in %s", seconds, _current["where"] or "(no frame of this project)",
+                extra={"request_id": _current["request_id"]})
     metrics.LOOP_BLOCKED.inc()
     metrics.LOOP_BLOCKED_SECONDS.observe(seconds)
     stats["count"] += 1

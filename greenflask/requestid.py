@@ -6,11 +6,15 @@ import re
 import uuid
 
 from flask import Flask, request
+from gevent import getcurrent
 
 from greenflask import logs
 
 HEADER = "X-Request-ID"
 SANE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# {id(greenlet): its request's id} while it serves one: gevent's monitor thread, which sees
+# only the greenlet that blocked the loop, names the request with it (loopblock.py).
+running: dict[int, str] = {}
 
 
 def init_app(app: Flask) -> None:
@@ -24,6 +28,7 @@ def _begin() -> None:
     value = given if SANE.fullmatch(given) else uuid.uuid4().hex
     request.environ["greenflask.request_id"] = value
     request.environ["greenflask.request_id_token"] = logs.request_id.set(value)
+    running[id(getcurrent())] = value
 
 
 def _answer(response):
@@ -37,3 +42,4 @@ def _end(error: BaseException | None = None) -> None:
     token = request.environ.pop("greenflask.request_id_token", None)
     if token is not None:
         logs.request_id.reset(token)
+    running.pop(id(getcurrent()), None)

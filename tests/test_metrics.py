@@ -103,6 +103,8 @@ def test_loop_blocks_are_caught_where_they_happen(start_server, psycogreen, bloc
     if blocks_expected:
         assert blocked == stats["count"] == len(warnings) >= 3, warnings
         assert all("models.py" in line and "in pg_sleep" in line for line in warnings), warnings
+        ids = {answer.headers["x-request-id"] for answer in in_flight.result}
+        assert all(line.rsplit("request_id=", 1)[-1] in ids for line in warnings), "each names the blocking request"
         assert 0.3 < stats["longest_seconds"] < 1.0
         assert value(samples, "greenflask_event_loop_blocked_seconds_count") == blocked
     else:
