@@ -1,10 +1,12 @@
 """Several app hosts behind HAProxy, PgBouncer in front of PostgreSQL, all on this machine.
 
     python -m deploy.cluster up [--hosts 3] [--workers 1] [--port 8080] [--direct] [--replica] [--monitoring]
+    python -m deploy.cluster up --ha [--db-nodes 3]  # PostgreSQL run by Patroni: failover, no write lost
     python -m deploy.cluster status [--json]
-    python -m deploy.cluster link host2 down|up     # cut a host from the database, or mend it
+    python -m deploy.cluster link host2 down|up     # cut a host (or, with --ha, a node) from its network
     python -m deploy.cluster restart postgres|pgbouncer
     python -m deploy.cluster rollout [--hosts host1,host2]   # a new gunicorn per host, dropping nothing
+    python -m deploy.cluster kill db1 | start db1 | switchover [--to db2]   # with --ha
     python -m deploy.cluster down
 
 As root, every app host is a network namespace of its own with two links: one to the
@@ -29,6 +31,8 @@ Every host runs `gunicorn app:app -k gevent -w W` with this environment's DB_* s
 `--direct` leaves PgBouncer out (hosts connect straight to PostgreSQL), to compare.
 `--replica` adds a streaming replica of the embedded server (pg_basebackup), which the
 hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
+`--ha` replaces the single PostgreSQL with nodes run by Patroni (deploy/ha.py): PgBouncer
+sends writes to the primary and reads to the replicas through a HAProxy that asks Patroni.
 What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
 its PID and removes the namespaces and links, also after an `up` that failed half-way.
 CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
@@ -53,66 +57,33 @@ from string import Template
 import click
 from sqlalchemy.engine import URL, make_url
 
-from deploy import credentials
+from deploy import credentials, ha
 from deploy.credentials import ADMIN_USER, APP_ROLE, Credentials
 from deploy.network import (
     Network,
     ip,
     make_bridges,
+    make_db_namespace,
     make_host_namespace,
     remove_network,
     remove_stale_network,
 )
+from deploy.runtime import (
+    CLUSTER_DIR,
+    CLUSTER_NET,
+    DEPLOY_DIR,
+    load_state,
+    program,
+    save_state,
+    spawn,
+    state_path,
+    wait_for,
+)
 from greenflask import embedded, green, servers, sizing
-from greenflask.settings import Settings, Tools
+from greenflask.settings import Settings
 
-DEPLOY_DIR = Path(__file__).resolve().parent
-_TOOLS = Tools.from_env()
-CLUSTER_DIR = _TOOLS.cluster_dir
-CLUSTER_NET = _TOOLS.cluster_net
 APP_PORT = 8000
 PGBOUNCER_PORT = 6432
-INSTALL_HINT = "apt-get install pgbouncer haproxy  (Debian's packages)"
-
-
-def program(name: str, package: str | None = None) -> str:
-    """The path of `name` (Debian puts PgBouncer and HAProxy in /usr/sbin, which a user's PATH may lack)."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-    if not found:
-        hint = f"apt-get install {package}  (Debian's package)" if package else INSTALL_HINT
-        raise click.ClickException(f"{name} is not installed: {hint}")
-    return found
-
-
-# --- processes -----------------------------------------------------------------------
-
-
-def spawn(command: list[str], log_name: str, env: dict | None = None) -> int:
-    """Start `command` detached, its output in CLUSTER_DIR; return its PID. It outlives this
-    script: `down` stops it by that PID."""
-    return servers.spawn(command, CLUSTER_DIR / log_name, env, detach=True).pid
-
-
-def wait_for(check, what: str, within: float = 30.0) -> None:
-    try:
-        servers.wait_until(check, what, within)
-    except RuntimeError as error:
-        raise click.ClickException(f"{error} (logs in {CLUSTER_DIR})") from None
-
-
-# --- state ---------------------------------------------------------------------------
-
-
-def state_path() -> Path:
-    return CLUSTER_DIR / "state.json"
-
-
-def load_state() -> dict | None:
-    return json.loads(state_path().read_text()) if state_path().exists() else None
-
-
-def save_state(state: dict) -> None:
-    state_path().write_text(json.dumps(state, indent=2))
 
 
 # --- PostgreSQL ----------------------------------------------------------------------
@@ -173,8 +144,10 @@ def pgbouncer_database(name: str, server: URL) -> str:
 
 
 def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
-                     files: Credentials, replica: URL | None = None, socket_dir: Path | None = None) -> str:
-    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online restart."""
+                     files: Credentials, replica: URL | None = None, socket_dir: Path | None = None,
+                     server_tls: bool = False) -> str:
+    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online
+    restart; `server_tls`: PostgreSQL is across a network (--ha), verify its certificate."""
     databases = [pgbouncer_database(server.database, server)]
     if replica is not None:
         databases.append(pgbouncer_database(replica_database(server), replica))
@@ -184,8 +157,10 @@ def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size:
         listen_port=listen_port,
         auth_file=files.auth_file,
         admin_user=ADMIN_USER,
-        tls_cert_file=files.server_cert,
-        tls_key_file=files.server_key,
+        tls_cert_file=files.cert("pgbouncer"),
+        tls_key_file=files.key("pgbouncer"),
+        server_tls_sslmode="verify-full" if server_tls else "disable",
+        ca_file=files.ca_cert,
         pool_size=pool_size,
         max_client_conn=max_client_conn,
         unix_socket_dir=socket_dir or "",
@@ -204,7 +179,7 @@ def make_app_role(server: URL, files: Credentials) -> tuple[URL, str]:
     password = credentials.new_password()
     secret = credentials.make_app_role(libpq_dsn(server), password)
     credentials.write_private(files.app_passfile, credentials.passfile(APP_ROLE, password))
-    return server.set(username=APP_ROLE, password=None), secret
+    return server.set(username=APP_ROLE, password=None).difference_update_query(["passfile"]), secret
 
 
 def libpq_dsn(server: URL) -> str:
@@ -212,10 +187,9 @@ def libpq_dsn(server: URL) -> str:
     return server.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, address: str,
-                            run_as: str | None) -> None:
-    """PgBouncer's auth_file (the app role's SCRAM secret, and its admin user's), the admin's
-    passfile, and a CA and certificate for `address`; its files readable by `run_as`."""
+def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, run_as: str | None) -> None:
+    """PgBouncer's auth_file (the app role's SCRAM secret, and its admin user's) and the
+    admin's passfile; its files (and its key, made before) readable by `run_as`."""
     admin_password = credentials.new_password()
     # libpq computes the secret on this side, over any connection: the app's own.
     app = libpq_dsn(server.update_query_dict({"passfile": str(files.app_passfile)}))
@@ -223,13 +197,10 @@ def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, ad
     credentials.write_private(files.admin_passfile, credentials.passfile(ADMIN_USER, admin_password))
     credentials.write_private(files.auth_file, f'"{APP_ROLE}" "{app_secret}"\n"{ADMIN_USER}" "{admin_secret}"\n',
                               run_as)
-    credentials.make_certificates(files, [address], run_as)
-    if run_as:
-        shutil.chown(files.secrets, run_as)  # PgBouncer reads its key and auth_file in it
 
 
 def start_pgbouncer(state: dict, server: URL, app_secret: str, network: Network, pool_size: int, clients: int,
-                    replica: URL | None) -> URL:
+                    replica: URL | None, server_tls: bool = False) -> URL:
     """PgBouncer in transaction mode for the database (and its replica), SCRAM and TLS
     required from its clients; the URL the hosts connect to (the app's role, verify-full)."""
     executable = program("pgbouncer")
@@ -237,11 +208,12 @@ def start_pgbouncer(state: dict, server: URL, app_secret: str, network: Network,
     port = PGBOUNCER_PORT if network.namespaces else servers.free_port()
     files = Credentials(CLUSTER_DIR)
     run_as = run_as_user(server) if os.geteuid() == 0 else None
-    write_pgbouncer_secrets(files, server, app_secret, address, run_as)
+    write_pgbouncer_secrets(files, server, app_secret, run_as)
     ini = CLUSTER_DIR / "pgbouncer.ini"
     socket_dir = CLUSTER_DIR / "pgbouncer-run"
     socket_dir.mkdir(mode=0o700, exist_ok=True)
-    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, files, replica, socket_dir))
+    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, files, replica, socket_dir,
+                                    server_tls))
     ini.chmod(0o644)
     command = [executable, str(ini)]
     if run_as:
@@ -377,16 +349,33 @@ def start_haproxy(state: dict, port: int) -> None:
 
 def start_postgres_exporter(state: dict) -> str:
     """Debian's prometheus-postgres-exporter for the primary (its connection string in the
-    environment, not in argv); the address it serves on."""
+    environment, not in argv; with --ha, through HAProxy's primary port, so that it follows
+    a failover, its password read from a file); the address it serves on."""
     executable = program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
-    given = Settings.from_env().database_url
-    url = make_url(given or embedded.embedded_url())
-    query = {"sslmode": "disable", **url.query} if "sslmode" not in url.query else dict(url.query)
-    dsn = url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    if state.get("ha"):
+        files = Credentials(CLUSTER_DIR)
+        env = {"DATA_SOURCE_URI": f"127.0.0.1:{state['ha']['primary_port']}/postgres?sslmode=verify-full"
+                                  f"&sslrootcert={files.ca_cert}",
+               "DATA_SOURCE_USER": "postgres", "DATA_SOURCE_PASS_FILE": str(files.superuser_password)}
+    else:
+        url = make_url(Settings.from_env().database_url or embedded.embedded_url())
+        query = {"sslmode": "disable", **url.query} if "sslmode" not in url.query else dict(url.query)
+        env = {"DATA_SOURCE_NAME": url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)}
     address = f"127.0.0.1:{servers.free_port()}"
-    pid = spawn([executable, f"--web.listen-address={address}"], "postgres-exporter.log", {"DATA_SOURCE_NAME": dsn})
+    pid = spawn([executable, f"--web.listen-address={address}"], "postgres-exporter.log", env)
     state["postgres_exporter"] = {"pid": pid, "address": address}
     save_state(state)
+    return address
+
+
+def start_pgbouncer_exporter(state: dict) -> str:
+    """deploy/pgbouncer_exporter.py for this cluster's PgBouncer; the address it serves on."""
+    address = f"127.0.0.1:{servers.free_port()}"
+    pid = spawn([sys.executable, "-m", "deploy.pgbouncer_exporter", "--listen", address], "pgbouncer-exporter.log")
+    state["pgbouncer_exporter"] = {"pid": pid, "address": address}
+    save_state(state)
+    wait_for(lambda: servers.status_of(f"http://{address}/metrics") == 200 or not servers.is_alive(pid),
+             "the PgBouncer exporter")
     return address
 
 
@@ -404,6 +393,12 @@ def start_prometheus(state: dict) -> None:
     (folder / "targets" / "haproxy.json").write_text(json.dumps([{"targets": [state["haproxy"]["exporter"]]}]))
     exporter = start_postgres_exporter(state)
     (folder / "targets" / "postgres.json").write_text(json.dumps([{"targets": [exporter]}]))
+    pgbouncer = [{"targets": [start_pgbouncer_exporter(state)]}] if state.get("pgbouncer") else []
+    (folder / "targets" / "pgbouncer.json").write_text(json.dumps(pgbouncer))
+    # Patroni's own GET /metrics on each node (patroni_primary, its WAL positions), with --ha.
+    nodes = [{"targets": [f"{node['address']}:{ha.PATRONI_PORT}"], "labels": {"node": node["name"]}}
+             for node in (state.get("ha") or {}).get("nodes", [])]
+    (folder / "targets" / "patroni.json").write_text(json.dumps(nodes))
     url = f"http://127.0.0.1:{servers.free_port()}"
     pid = spawn([executable, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
                  f"--web.listen-address={url.removeprefix('http://')}", "--storage.tsdb.retention.time=1d"],
@@ -427,16 +422,17 @@ def haproxy_admin(admin_socket: str, command: str) -> str:
         return ""
 
 
-def haproxy_servers(admin_socket: str) -> dict[str, dict]:
-    """{host name: its `show stat` row} (status "UP", "DOWN", "DRAIN", ...; scur: requests in flight)."""
+def haproxy_servers(admin_socket: str, backend: str = "app_hosts") -> dict[str, dict]:
+    """{server name: its `show stat` row in `backend`} (status "UP", "DOWN", "DRAIN", ...;
+    scur: requests or connections in flight; stot: sent so far)."""
     rows = csv.DictReader(io.StringIO(haproxy_admin(admin_socket, "show stat").lstrip("# ")))
-    return {row["svname"]: row for row in rows if row["pxname"] == "app_hosts"
+    return {row["svname"]: row for row in rows if row["pxname"] == backend
             and row["svname"] not in ("BACKEND", "FRONTEND")}
 
 
-def haproxy_server_states(admin_socket: str) -> dict[str, str]:
-    """{host name: "UP" | "DOWN" | ...} from HAProxy's admin socket."""
-    return {name: row["status"] for name, row in haproxy_servers(admin_socket).items()}
+def haproxy_server_states(admin_socket: str, backend: str = "app_hosts") -> dict[str, str]:
+    """{server name: "UP" | "DOWN" | ...} in `backend`, from HAProxy's admin socket."""
+    return {name: row["status"] for name, row in haproxy_servers(admin_socket, backend).items()}
 
 
 # --- commands ------------------------------------------------------------------------
@@ -458,8 +454,12 @@ def cli() -> None:
               help="Prometheus (deploy/prometheus/) scraping the hosts and HAProxy, with the alert rules.")
 @click.option("--replica", is_flag=True,
               help="A streaming replica of the embedded PostgreSQL for the hosts' reads (DATABASE_READ_URL).")
+@click.option("--ha", "ha_nodes", is_flag=True,
+              help="PostgreSQL run by Patroni on --db-nodes nodes (etcd, synchronous replication, failover), "
+                   "behind HAProxy; reads from the replicas.")
+@click.option("--db-nodes", default=3, show_default=True, type=click.IntRange(2, 5), help="With --ha: nodes.")
 def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, monitoring: bool,
-       replica: bool) -> None:
+       replica: bool, ha_nodes: bool, db_nodes: int) -> None:
     """Start PostgreSQL, PgBouncer, the app hosts and HAProxy (and Prometheus); print the balancer's URL last."""
     if load_state():
         raise click.ClickException(f"a cluster is already up ({state_path()}): python -m deploy.cluster down")
@@ -472,6 +472,12 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
     if replica and (direct or Settings.from_env().database_url):
         raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
                                    "no --direct")
+    if ha_nodes:
+        if direct or replica or Settings.from_env().database_url or os.geteuid() != 0:
+            raise click.ClickException("--ha runs its own PostgreSQL nodes in network namespaces behind PgBouncer: "
+                                       "as root, without DATABASE_URL, --direct or --replica")
+        ha.check_ready()
+    db_nodes = db_nodes if ha_nodes else 0
     CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
     CLUSTER_DIR.chmod(0o755)  # PgBouncer, as another user, reads its files here
     for old_log in CLUSTER_DIR.glob("*.log"):  # each cluster's logs start empty
@@ -480,11 +486,11 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
     if network.namespaces and (removed := remove_stale_network(network)):
         click.echo(f"network: removed what a cluster killed before `down` left: {', '.join(removed)}")
     state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
-             "passfile": None, "postgres": None, "replica": None, "pgbouncer": None, "haproxy": None,
-             "prometheus": None}
+             "planned_db_nodes": db_nodes, "ha": None, "passfile": None, "postgres": None, "replica": None,
+             "pgbouncer": None, "haproxy": None, "prometheus": None}
     save_state(state)
     try:
-        _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica)
+        _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes)
         if monitoring:
             start_prometheus(state)
             click.echo(f"Prometheus: {state['prometheus']['url']}, pid {state['prometheus']['pid']}")
@@ -498,36 +504,60 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
 
 
 def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int, pgbouncer_pool: int,
-              direct: bool, replica: bool) -> None:
+              direct: bool, replica: bool, db_nodes: int) -> None:
     if network.namespaces:
         click.echo(f"network: hosts in namespaces {network.namespace(1)}..{hosts}, front {network.net}.1.0/24, "
-                   f"back {network.net}.2.0/24")
-        make_bridges(network)
+                   f"back {network.net}.2.0/24" + (f", database nodes {network.net}.3.0/24" if db_nodes else ""))
+        make_bridges(network, ("front", "back", "db") if db_nodes else ("front", "back"))
         for number in range(1, hosts + 1):
             make_host_namespace(network, number)
+        for number in range(1, db_nodes + 1):
+            make_db_namespace(network, number)
     else:
         click.echo("network: not root, so no namespaces: hosts are 127.0.0.11.. on one shared network")
-    database_url = start_postgres(state)
-    click.echo(f"PostgreSQL: {state['postgres']['url']}")
+    files = Credentials(CLUSTER_DIR)
+    files.make_folders()
+    tls_names = {"pgbouncer": [network.pgbouncer_address()]}
+    if db_nodes:
+        credentials.make_certificates(files, {**tls_names, **ha.certificate_names(network, db_nodes)}, ha.RUN_AS)
+        superuser = ha.start(state, network, db_nodes, files)
+        database_url = make_url(embedded.ensure_database(superuser.render_as_string(hide_password=False),
+                                                         embedded.DATABASE))
+        click.echo(f"PostgreSQL: {db_nodes} nodes run by Patroni (etcd {state['ha']['etcd']['url']}), primary "
+                   f"{ha.primary(state)}, synchronous replication; HAProxy 127.0.0.1:{state['ha']['primary_port']} "
+                   f"(primary), :{state['ha']['replicas_port']} (replicas)")
+        replica_url = database_url.set(port=state["ha"]["replicas_port"])
+    else:
+        database_url = start_postgres(state)
+        click.echo(f"PostgreSQL: {state['postgres']['url']}")
+        if not direct:
+            credentials.make_certificates(files, tls_names, run_as_user(database_url) if os.geteuid() == 0 else None)
     seed(database_url, pgbouncer=not direct)
-    replica_url = start_replica(state, database_url) if replica else None
-    app_url, app_secret = make_app_role(database_url, Credentials(CLUSTER_DIR))
-    state["passfile"] = str(Credentials(CLUSTER_DIR).app_passfile)
+    if replica:
+        replica_url = start_replica(state, database_url)
+        click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
+    elif not db_nodes:
+        replica_url = None
+    app_url, app_secret = make_app_role(database_url, files)
+    if db_nodes:
+        ha.wait_until_replicated(state)
+    state["passfile"] = str(files.app_passfile)
     save_state(state)
     click.echo(f"app role: {APP_ROLE}, its password in {state['passfile']} (mode 600)")
-    if replica:
-        click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
     settings = Settings.from_env()
-    # With a replica every worker has two pools, one to each database.
-    clients = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow) * (2 if replica else 1)
+    # With a replica (or --ha's replicas) every worker has two pools, one to each database.
+    reads_apart = replica_url is not None
+    per_pool = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow)
+    clients = per_pool * (2 if reads_apart else 1)
     read_url = None
     if direct:
         database_url = app_url
     else:
-        database_url = start_pgbouncer(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url)
+        database_url = start_pgbouncer(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url,
+                                       server_tls=bool(db_nodes))
         click.echo(f"PgBouncer: {state['pgbouncer']['address']} (transaction mode, {pgbouncer_pool} server "
                    f"connections for {clients} app connections; SCRAM and TLS required)")
-        if replica:
+        if reads_apart:
             read_url = database_url.set(database=replica_database(database_url))
     for number in range(1, hosts + 1):
         start_host(state, network, number, workers, database_url, not direct, read_url)
@@ -558,12 +588,17 @@ def status(as_json: bool) -> None:
         "postgres": _with_alive(state.get("postgres")),
         "replica": _with_alive(state.get("replica")),
     }
+    if state.get("ha"):
+        report.update(ha.report(state))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     for host in report["hosts"]:
         click.echo(f"{host['name']:8} {host['address']:12} pid {host['gunicorn_pid']:<8} "
                    f"{'healthy' if host['healthy'] else 'NOT healthy'}, HAProxy: {host['haproxy']}")
+    for node in report.get("db_nodes", []):
+        click.echo(f"{node['name']:8} {node['address']:12} postgres pid {node['postgres_pid']}: {node['role']} "
+                   f"({node['state']}), lag {node['lag']}")
     for part in ("pgbouncer", "haproxy", "prometheus", "postgres", "replica"):
         if report[part]:
             click.echo(f"{part:8} pid {report[part]['pid']} {'running' if report[part]['running'] else 'NOT running'}")
@@ -576,23 +611,76 @@ def _with_alive(part: dict | None) -> dict | None:
     return {**part, "running": True if external else servers.is_alive(part["pid"])}
 
 
-@cli.command()
-@click.argument("host")
-@click.argument("state", type=click.Choice(["down", "up"]))
-def link(host: str, state: str) -> None:
-    """Take HOST's link to the database network down (or up again): its requests answer
-    503 within the app's bounds, and HAProxy's health check takes it out of rotation."""
-    cluster = load_state()
-    if cluster is None:
+def require(part: str | None = None) -> dict:
+    """The running cluster's state; with `part`, one that has it."""
+    state = load_state()
+    if state is None:
         raise click.ClickException("no cluster is up")
+    if part and not state.get(part):
+        raise click.ClickException(f"this cluster has no {part} (up --{part})" if part == "ha" else f"no {part} is up")
+    return state
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("state", type=click.Choice(["down", "up"]))
+def link(name: str, state: str) -> None:
+    """Take a host's link to the database network down (or up again): its requests answer
+    503 within the app's bounds, and HAProxy's health check takes it out of rotation. With
+    --ha, a database node's (db1, ...) only link: cut from everything, as if its host died."""
+    cluster = require()
     if not cluster["namespaces"]:
         raise click.ClickException("hosts share one network when not root: no link to cut")
-    names = [entry["name"] for entry in cluster["hosts"]]
-    if host not in names:
-        raise click.ClickException(f"no host {host!r}: {', '.join(names)}")
     network = Network(cluster["net"], namespaces=True)
-    ip("link", "set", network.veth(names.index(host) + 1, "back"), state)
-    click.echo(f"{host}: link to the database {state}")
+    hosts = [entry["name"] for entry in cluster["hosts"]]
+    nodes = [node["name"] for node in (cluster.get("ha") or {}).get("nodes", [])]
+    if name in hosts:
+        ip("link", "set", network.veth(hosts.index(name) + 1, "back"), state)
+    elif name in nodes:
+        ip("link", "set", network.db_veth(nodes.index(name) + 1), state)
+    else:
+        raise click.ClickException(f"no host or node {name!r}: {', '.join(hosts + nodes)}")
+    click.echo(f"{name}: link {state}")
+
+
+@cli.command()
+@click.argument("node")
+def kill(node: str) -> None:
+    """With --ha: SIGKILL every process of a database node (Patroni, PostgreSQL), as a host
+    that lost its power. Patroni elects a new primary within its ttl."""
+    state = require("ha")
+    pids = ha.kill(state, node)
+    click.echo(f"{node}: killed {len(pids)} processes ({', '.join(map(str, pids))})")
+
+
+@cli.command()
+@click.argument("node")
+def start(node: str) -> None:
+    """With --ha: start a killed node's Patroni again (its host came back); it rejoins as a
+    replica of the current primary, rewinding its data with pg_rewind where needed."""
+    state = require("ha")
+    ha.revive(state, node)
+    click.echo(f"{node}: Patroni started, pid {ha.node_named(state, node)['patroni_pid']}")
+
+
+@cli.command()
+@click.option("--to", "candidate", help="The node to make primary [its synchronous standby].")
+def switchover(candidate: str | None) -> None:
+    """With --ha: a planned switchover behind PgBouncer's PAUSE and RESUME. PAUSE waits for
+    the running transactions, and new ones wait in PgBouncer; Patroni stops the primary
+    cleanly and promotes the candidate; once HAProxy routes to it, RESUME."""
+    state = require("ha")
+    started = time.monotonic()
+    admin = state["ha"]["haproxy"]["admin_socket"]
+    pgbouncer_admin(state["pgbouncer"], "PAUSE")
+    try:
+        old, new = ha.switchover(state, candidate)
+        wait_for(lambda: haproxy_server_states(admin, "postgres_primary").get(new) == "UP"
+                 and haproxy_server_states(admin, "postgres_primary").get(old) != "UP",
+                 f"HAProxy to route writes to {new}")
+    finally:
+        pgbouncer_admin(state["pgbouncer"], "RESUME")
+    click.echo(f"switchover {old} -> {new} in {time.monotonic() - started:.2f} s")
 
 
 @cli.command()
@@ -706,6 +794,7 @@ def _tear_down(state: dict) -> None:
     graceful_timeout), then PgBouncer and PostgreSQL."""
     servers.stop((state.get("prometheus") or {}).get("pid"), grace=10)
     servers.stop((state.get("postgres_exporter") or {}).get("pid"), grace=5)
+    servers.stop((state.get("pgbouncer_exporter") or {}).get("pid"), grace=5)
     shutil.rmtree(CLUSTER_DIR / "prometheus", ignore_errors=True)
     haproxy = (state.get("haproxy") or {}).get("pid")
     if servers.is_alive(haproxy):
@@ -725,9 +814,12 @@ def _tear_down(state: dict) -> None:
     postgres = state.get("postgres") or {}
     if postgres.get("started"):
         embedded.stop(Path(postgres["pgdata"]))
+    if state.get("ha"):
+        ha.stop_all(state)
     Credentials(CLUSTER_DIR).remove()
     if state["namespaces"]:
-        remove_network(Network(state["net"], namespaces=True), state["planned_hosts"])
+        remove_network(Network(state["net"], namespaces=True), state["planned_hosts"],
+                       state.get("planned_db_nodes", 0))
     state_path().unlink(missing_ok=True)
 
 

@@ -5,8 +5,10 @@ command line (`ps` shows those), a URL, a log line or `status`.
         app.pgpass            the app role's password, a libpq passfile (the hosts' PGPASSFILE)
         admin.pgpass          PgBouncer's admin console user's, for `deploy.cluster` itself
         pgbouncer-users.txt   PgBouncer's auth_file: SCRAM-SHA-256 secrets, no password
-        ca.key, pgbouncer.key the private keys
-    CLUSTER_DIR/tls/      ca.crt (what the app verifies PgBouncer against), pgbouncer.crt
+        ca.key, NAME.key      the private keys (pgbouncer, and with --ha each database node's)
+        postgres.pgpass       with --ha: the superuser's, for `deploy.cluster` to make the database
+        postgres.password     the same alone, for the PostgreSQL exporter (--monitoring)
+    CLUSTER_DIR/tls/      ca.crt (what the app, PgBouncer and the nodes verify against), NAME.crt
 
 The app logs in as its own role (APP_ROLE: it reads and writes the tables, nothing more),
 never as the superuser that made the schema. Its SCRAM secret is computed by libpq
@@ -17,7 +19,7 @@ PostgreSQL asks for SCRAM too, logs in to it with the keys the client's proof ga
 
 Certificates are made with `cryptography` (the library pip, OpenSSL's Python users and
 certbot rely on) rather than by calling the openssl command with its many flags: an ECDSA
-P-256 CA valid for 30 days, and a server certificate naming every address PgBouncer is
+P-256 CA valid for 30 days, and a certificate per server naming every address it is
 reached at, which libpq's `sslmode=verify-full` checks.
 """
 
@@ -73,12 +75,19 @@ class Credentials:
         return self.tls / "ca.crt"
 
     @property
-    def server_cert(self) -> Path:
-        return self.tls / "pgbouncer.crt"
+    def superuser_passfile(self) -> Path:
+        return self.secrets / "postgres.pgpass"
 
     @property
-    def server_key(self) -> Path:
-        return self.secrets / "pgbouncer.key"
+    def superuser_password(self) -> Path:
+        """The same password alone (prometheus-postgres-exporter's DATA_SOURCE_PASS_FILE)."""
+        return self.secrets / "postgres.password"
+
+    def cert(self, server: str) -> Path:
+        return self.tls / f"{server}.crt"
+
+    def key(self, server: str) -> Path:
+        return self.secrets / f"{server}.key"
 
     def make_folders(self) -> None:
         self.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -155,9 +164,10 @@ def _write_key(path: Path, key, owner: str | None) -> None:
     write_private(path, pem.decode(), owner)
 
 
-def make_certificates(credentials: Credentials, addresses: list[str], key_owner: str | None) -> None:
-    """A CA, and PgBouncer's certificate for `addresses` (IPs or names), signed by it; the
-    server's key readable by `key_owner` (PgBouncer's user) only."""
+def make_certificates(credentials: Credentials, servers: dict[str, list[str]], key_owner: str | None) -> None:
+    """A new CA, and for each server a certificate naming its addresses (IPs or names),
+    signed by the CA; the servers' keys readable by `key_owner` (PgBouncer's and PostgreSQL's
+    user) only."""
     now = datetime.datetime.now(datetime.UTC)
     until = now + datetime.timedelta(days=VALID_DAYS)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -169,19 +179,23 @@ def make_certificates(credentials: Credentials, addresses: list[str], key_owner:
                                        data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                        crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    names = [_subject_alternative_name(address) for address in addresses]
-    server = (x509.CertificateBuilder().subject_name(_name("pgbouncer")).issuer_name(ca_name)
-              .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now).not_valid_after(until)
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .sign(ca_key, hashes.SHA256()))
     _write_key(credentials.secrets / "ca.key", ca_key, None)
-    _write_key(credentials.server_key, server_key, key_owner)
+    if key_owner:
+        shutil.chown(credentials.secrets, key_owner)  # the servers reach their keys in it
     credentials.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    credentials.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    for server, addresses in servers.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [_subject_alternative_name(address) for address in addresses]
+        certificate = (x509.CertificateBuilder().subject_name(_name(server)).issuer_name(ca_name)
+                       .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now).not_valid_after(until)
+                       .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                       .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                       .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                                      critical=False)
+                       .sign(ca_key, hashes.SHA256()))
+        _write_key(credentials.key(server), key, key_owner)
+        credentials.cert(server).write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
 def _subject_alternative_name(address: str) -> x509.GeneralName:

@@ -210,6 +210,14 @@ def loadtest_report(url: str, *args: str, timeout: float = 180) -> dict:
 CLUSTER = [sys.executable, "-m", "deploy.cluster"]
 
 
+def cluster_marks(*programs: str, install: str | None = None) -> list:
+    """A cluster module's skips: each of `programs` missing (one line naming the install
+    command, `install` or the programs themselves), or not root (namespaces need root)."""
+    missing = [name for name in programs if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
+    return [pytest.mark.skipif(bool(missing), reason=f"not installed: apt-get install {install or ' '.join(missing)}"),
+            pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+
 @contextlib.contextmanager
 def cluster_environment(net: str):
     """The environment a test module's cluster commands run with: CLUSTER_NET `net` (not the
@@ -217,6 +225,7 @@ def cluster_environment(net: str):
     PostgreSQL of the module's own (never DATABASE_URL's), and short bounds so that faults
     show within a test's time."""
     folder = Path(tempfile.mkdtemp(prefix="greenflask-cluster-test-"))
+    folder.chmod(0o755)  # PgBouncer and PostgreSQL run as another user, and reach their files in it
     pgdata = folder / "pgdata"
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     env.update(CLUSTER_HOST_ENV, CLUSTER_DIR=str(folder / "state"), CLUSTER_NET=net, EMBEDDED_PGDATA=str(pgdata))

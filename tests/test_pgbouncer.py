@@ -17,7 +17,7 @@ from conftest import assert_error, burst
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from deploy import cluster
+from deploy import cluster, credentials
 from deploy.credentials import Credentials
 from greenflask import PROJECT_DIR, embedded, servers
 
@@ -51,7 +51,8 @@ def pgbouncer(database_url):
     # deploy/pgbouncer.ini, the cluster's own template, with a pool of 10 on 127.0.0.1.
     files = Credentials(folder)
     app, secret = cluster.make_app_role(server, files)
-    cluster.write_pgbouncer_secrets(files, app, secret, "127.0.0.1", run_as)
+    credentials.make_certificates(files, {"pgbouncer": ["127.0.0.1"]}, run_as)
+    cluster.write_pgbouncer_secrets(files, app, secret, run_as)
     (folder / "pgbouncer.ini").write_text(cluster.pgbouncer_config(app, "127.0.0.1", port, POOL_SIZE, 500, files))
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if run_as:

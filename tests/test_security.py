@@ -7,9 +7,7 @@ count of requests sent to the host (`stot`), and "table unchanged" is read in Po
 """
 
 import contextlib
-import os
 import resource
-import shutil
 import socket
 import subprocess
 import time
@@ -18,17 +16,12 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
-from conftest import cluster_environment, cluster_status, cluster_up, run_cluster
+from conftest import cluster_environment, cluster_marks, cluster_status, cluster_up, run_cluster
 
 from deploy import credentials
 from deploy.cluster import APP_PORT, haproxy_servers
 
-NEEDED = [name for name in ("pgbouncer", "haproxy")
-          if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
-pytestmark = [
-    pytest.mark.skipif(bool(NEEDED), reason=f"not installed: apt-get install {' '.join(NEEDED)}"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-]
+pytestmark = cluster_marks("pgbouncer", "haproxy")
 SMUGGLED_TITLE = "smuggled past the balancer"
 
 
@@ -94,7 +87,7 @@ def test_only_the_apps_role_with_its_password_over_tls_gets_in(cluster, tmp_path
     password = passfile.read_text().strip().rsplit(":", 1)[1]
     impostor = credentials.Credentials(tmp_path)
     impostor.make_folders()
-    credentials.make_certificates(impostor, ["10.81.2.1"], None)  # a CA the app does not trust
+    credentials.make_certificates(impostor, {"pgbouncer": ["10.81.2.1"]}, None)  # a CA the app does not trust
 
     refused = {
         "plaintext": refusal(report, sslmode="disable"),

@@ -1,0 +1,197 @@
+"""Lose the primary, lose no write: `up --ha` (etcd, Patroni on 3 nodes in namespaces of their
+own, HAProxy routing by Patroni's REST API, PgBouncer in front of the app hosts) under load.
+
+One cluster for the module (2 app hosts, CLUSTER_NET 10.83), brought up and down with the
+CLI. Writes are a client of the test's own (20 POST/s, each with an Idempotency-Key, sent
+again after a 503 as its Retry-After says); reads are `loadtest.py --rate 50`. Every 201's
+row is read back from the primary afterwards.
+"""
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import psycopg2
+import pytest
+from conftest import (
+    cluster_environment,
+    cluster_marks,
+    cluster_status,
+    cluster_up,
+    in_background,
+    loadtest_report,
+    run_cluster,
+)
+
+import loadtest
+from deploy import credentials, ha
+
+INSTALL = f"{ha.PACKAGES} pgbouncer haproxy"
+pytestmark = [*cluster_marks("pgbouncer", "haproxy", "etcd", "patroni", install=INSTALL),
+              # PostgreSQL's server binaries: Debian's, which Patroni runs (deploy/ha.py).
+              pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/pg_rewind")),
+                                 reason=f"not installed: apt-get install {INSTALL}")]
+WRITES_PER_SECOND = 20
+READS_PER_SECOND = 50
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with cluster_environment("10.83") as env, cluster_up(env, "--ha", "--hosts", "2") as balancer:
+        yield env, balancer
+
+
+def writes(url: str, seconds: float, tag: str) -> list[dict]:
+    """WRITES_PER_SECOND POSTs a second for `seconds`, each with its own Idempotency-Key and
+    sent again after a 503 (Retry-After) until a 201, for at most 40 s. One record per
+    write: its key, its attempts (sent at, status, error code) and the id it got."""
+    started = time.monotonic()
+
+    async def one(session, number: int) -> dict:
+        await asyncio.sleep(number / WRITES_PER_SECOND)
+        key, record = str(uuid.uuid4()), {"attempts": [], "id": None}
+        record["key"] = key
+        while time.monotonic() - started < seconds + 40:
+            sent = time.monotonic() - started
+            try:
+                async with session.post(url + "/todos", json={"title": f"{tag} {number}"},
+                                        headers={"Idempotency-Key": key}) as response:
+                    body = await response.json(content_type=None)
+                    status, retry_after = response.status, float(response.headers.get("Retry-After", 1))
+            except (aiohttp.ClientError, TimeoutError) as error:
+                record["attempts"].append((sent, type(error).__name__, None))
+                await asyncio.sleep(1)
+                continue
+            record["attempts"].append((sent, status, (body.get("error") or {}).get("code")))
+            if status == 201:
+                record["id"] = body["id"]
+                return record
+            if status != 503:
+                return record
+            await asyncio.sleep(retry_after)
+        return record
+
+    async def run():
+        async with loadtest.client_session(30) as session:
+            return await asyncio.gather(*(one(session, number) for number in range(int(seconds * WRITES_PER_SECOND))))
+
+    return asyncio.run(run())
+
+
+def reads(url: str, seconds: float) -> dict:
+    return loadtest_report(url, "--rate", str(READS_PER_SECOND), "-d", str(seconds), "/todos?limit=5",
+                           timeout=seconds + 60)
+
+
+def under_load(balancer: str, action, seconds: float, tag: str):
+    """`action()` 5 s into `seconds` of writes and reads; (its result, the writes, the reads,
+    when it ran in the writes' clock)."""
+    written = in_background(writes, balancer, seconds, tag)
+    read = in_background(reads, balancer, seconds)
+    time.sleep(5)
+    at = time.monotonic()
+    result = action()
+    written.join()
+    read.join()
+    return result, written.result, read.result, at
+
+
+def rows_on_the_primary(report: dict, ids: list[int]) -> set[int]:
+    """Which of `ids` the primary has, asked through PgBouncer as the app."""
+    host, port = report["pgbouncer"]["address"].rsplit(":", 1)
+    connection = psycopg2.connect(host=host, port=port, dbname="greenflask", user=credentials.APP_ROLE,
+                                  passfile=report["passfile"], sslmode="verify-full",
+                                  sslrootcert=report["pgbouncer"]["ca"], connect_timeout=5)
+    with contextlib.closing(connection), connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM todos WHERE id = ANY(%s)", (ids,))
+        return {row[0] for row in cursor.fetchall()}
+
+
+def statuses(records: list[dict]) -> dict:
+    """{"201": n, "503 pool_exhausted": n, ...} over every attempt of every write."""
+    return dict(Counter(f"{status} {code or ''}".strip() for record in records
+                        for _, status, code in record["attempts"]))
+
+
+def seconds_without_a_first_201(records: list[dict], since: float) -> float:
+    """From `since` to the first write sent after it whose first attempt got a 201 and after
+    which every first attempt did: how long new writes were refused."""
+    firsts = sorted((record["attempts"][0][0], record["attempts"][0][1]) for record in records)
+    refused = [sent for sent, status in firsts if sent >= since and status != 201]
+    if not refused:
+        return 0.0
+    back = next(sent for sent, status in firsts if sent > refused[-1] and status == 201)
+    return back - since
+
+
+def test_primary_killed_under_load_loses_no_acknowledged_write(cluster, figure):
+    env, balancer = cluster
+    before = cluster_status(env)
+    old_primary = before["primary"]
+    clock = time.monotonic()
+
+    def kill_the_primary():
+        return run_cluster(env, "kill", old_primary)
+
+    killed, records, read_figures, at = under_load(balancer, kill_the_primary, 30, "failover")
+    after = cluster_status(env)
+    ids = [record["id"] for record in records if record["id"] is not None]
+    on_primary = rows_on_the_primary(after, ids)
+    refused_for = seconds_without_a_first_201(records, at - clock)
+    started = run_cluster(env, "start", old_primary)
+    rejoined = ha_seconds_until(env, lambda report: node(report, old_primary)["role"] in ("replica", "sync_standby")
+                                and node(report, old_primary)["state"] == "running"
+                                and node(report, old_primary)["lag"] == 0, 90)
+
+    assert killed.returncode == 0, killed.stderr
+    assert before["primary"] and {n["role"] for n in before["db_nodes"]} == {"leader", "sync_standby", "replica"}
+    assert after["primary"] not in (None, old_primary), after
+    assert all(record["id"] for record in records), f"every write got its 201 in the end: {statuses(records)}"
+    assert set(statuses(records)) <= {"201", "503 database_unavailable", "503 pool_exhausted"}, statuses(records)
+    assert len(set(ids)) == len(ids), "no key made two rows"
+    assert on_primary == set(ids), f"acknowledged writes missing: {sorted(set(ids) - on_primary)[:10]}"
+    assert set(read_figures["statuses"]) <= {"200", "503"}, read_figures["statuses"]
+    assert refused_for < 25, f"writes refused for {refused_for:.1f} s"  # the goal, 15 s, is RELIABILITY.md's
+    assert started.returncode == 0, started.stderr
+    figure(f"primary {old_primary} killed (SIGKILL, Patroni and PostgreSQL) under {WRITES_PER_SECOND} POST/s and "
+           f"{READS_PER_SECOND} GET/s: new primary {after['primary']}; new writes refused (503) for "
+           f"{refused_for:.1f} s; {len(records)} writes, every one 201 in the end (attempts: {statuses(records)}), "
+           f"all {len(ids)} rows on the new primary, 0 missing, 0 duplicated; reads {read_figures['statuses']}; "
+           f"{old_primary} back as a replica (pg_rewind) {rejoined:.1f} s after its start")
+
+
+def test_switchover_under_load(cluster, figure):
+    env, balancer = cluster
+    before = cluster_status(env)["primary"]
+    switched, records, read_figures, _ = under_load(balancer, lambda: run_cluster(env, "switchover"), 15, "switchover")
+    after = cluster_status(env)
+    ids = [record["id"] for record in records if record["id"] is not None]
+    first_attempts = [record["attempts"][0][1] for record in records]
+
+    assert switched.returncode == 0, switched.stderr + switched.stdout
+    assert after["primary"] not in (None, before)
+    assert read_figures["statuses"] == {"200": read_figures["requests"]}, read_figures["statuses"]
+    assert all(record["id"] for record in records) and rows_on_the_primary(after, ids) == set(ids)
+    # Writes wait in PgBouncer while it is paused; one that waits with the host's pool full
+    # may get 503 pool_exhausted, and its retry a 201. Measured: 0 to 3 of 300.
+    assert first_attempts.count(201) >= 0.9 * len(records), statuses(records)
+    figure(f"switchover {before} -> {after['primary']} behind PgBouncer PAUSE/RESUME under {WRITES_PER_SECOND} "
+           f"POST/s and {READS_PER_SECOND} GET/s: {switched.stdout.strip()}; reads {read_figures['statuses']}, "
+           f"max {read_figures['latency_service']['max']:.2f} s; writes {statuses(records)}")
+
+
+def node(report: dict, name: str) -> dict:
+    return next(entry for entry in report["db_nodes"] if entry["name"] == name)
+
+
+def ha_seconds_until(env: dict, check, within: float) -> float:
+    started = time.monotonic()
+    while not check(report := cluster_status(env)):
+        if time.monotonic() - started > within:
+            pytest.fail(f"not within {within:.0f} s: {report['db_nodes']}")
+        time.sleep(1)
+    return time.monotonic() - started
