@@ -22,7 +22,7 @@ def test_the_config_and_the_rules_pass_promtools_checks(tmp_path):
     for name in ("prometheus.yml", "alerts.yml", "recording.yml"):
         shutil.copy(RULES / name, tmp_path / name)
     (tmp_path / "targets").mkdir()
-    for name in ("greenflask.json", "haproxy.json", "postgres.json"):
+    for name in ("greenflask.json", "haproxy.json", "postgres.json", "pgbouncer.json", "patroni.json"):
         (tmp_path / "targets" / name).write_text("[]")
     checked = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
