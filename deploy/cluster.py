@@ -73,6 +73,7 @@ from deploy.runtime import (
     CLUSTER_NET,
     DEPLOY_DIR,
     load_state,
+    log_tail,
     program,
     save_state,
     spawn,
@@ -125,9 +126,12 @@ def start_replica(state: dict, primary: URL) -> URL:
 # --- PgBouncer -----------------------------------------------------------------------
 
 
-def run_as_user(server: URL) -> str:
-    """PgBouncer refuses to run as root. On a unix socket (the embedded server) it runs as
-    the socket's owner, so that it may connect; otherwise as `postgres` or `nobody`."""
+def run_as_user(server: URL) -> str | None:
+    """Who PgBouncer runs as (and owns its key and auth_file). It refuses to run as root: as
+    root, on a unix socket (the embedded server) the socket's owner, so that it may connect,
+    otherwise `postgres` or `nobody`; not root, None: it runs as we do."""
+    if os.geteuid() != 0:
+        return None
     socket_dir = server.query.get("host")
     if socket_dir:
         return pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name
@@ -207,7 +211,7 @@ def start_pgbouncer(state: dict, server: URL, app_secret: str, network: Network,
     address = network.pgbouncer_address()
     port = PGBOUNCER_PORT if network.namespaces else servers.free_port()
     files = Credentials(CLUSTER_DIR)
-    run_as = run_as_user(server) if os.geteuid() == 0 else None
+    run_as = run_as_user(server)
     write_pgbouncer_secrets(files, server, app_secret, run_as)
     ini = CLUSTER_DIR / "pgbouncer.ini"
     socket_dir = CLUSTER_DIR / "pgbouncer-run"
@@ -235,7 +239,7 @@ def run_pgbouncer(state: dict) -> None:
     address, port = pgbouncer["address"].rsplit(":", 1)
     wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
     if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
+        raise click.ClickException(f"PgBouncer exited: {log_tail('pgbouncer.log')}")
 
 
 def restart_pgbouncer_online(state: dict) -> None:
@@ -249,7 +253,7 @@ def restart_pgbouncer_online(state: dict) -> None:
     save_state(state)
     wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
     if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer -R exited: {(CLUSTER_DIR / 'pgbouncer.log').read_text()[-500:]}")
+        raise click.ClickException(f"PgBouncer -R exited: {log_tail('pgbouncer.log')}")
 
 
 def pgbouncer_admin(pgbouncer: dict, command: str) -> list[dict]:
@@ -407,7 +411,7 @@ def start_prometheus(state: dict) -> None:
     save_state(state)
     wait_for(lambda: servers.status_of(url + "/-/ready") == 200 or not servers.is_alive(pid), "Prometheus")
     if not servers.is_alive(pid):
-        raise click.ClickException(f"Prometheus exited: {(CLUSTER_DIR / 'prometheus.log').read_text()[-500:]}")
+        raise click.ClickException(f"Prometheus exited: {log_tail('prometheus.log')}")
 
 
 def haproxy_admin(admin_socket: str, command: str) -> str:
@@ -531,7 +535,7 @@ def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int
         database_url = start_postgres(state)
         click.echo(f"PostgreSQL: {state['postgres']['url']}")
         if not direct:
-            credentials.make_certificates(files, tls_names, run_as_user(database_url) if os.geteuid() == 0 else None)
+            credentials.make_certificates(files, tls_names, run_as_user(database_url))
     seed(database_url, pgbouncer=not direct)
     if replica:
         replica_url = start_replica(state, database_url)

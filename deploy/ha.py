@@ -28,6 +28,7 @@ from pathlib import Path
 from string import Template
 
 import click
+import psycopg2
 from sqlalchemy.engine import URL
 
 from deploy import credentials
@@ -186,8 +187,7 @@ def wait_until_replicated(state: dict, within: float = 120) -> None:
 
 
 def accepts(url: URL) -> bool:
-    import psycopg2
-
+    """Whether a connection to `url` (TLS, the superuser's passfile) is let in now."""
     try:
         psycopg2.connect(url.render_as_string(hide_password=False), connect_timeout=2).close()
         return True

@@ -46,7 +46,7 @@ def pgbouncer(database_url):
     folder.chmod(0o755)
     port = servers.free_port()
     server = server_url.set(database=DATABASE)
-    run_as = cluster.run_as_user(server) if os.geteuid() == 0 else None
+    run_as = cluster.run_as_user(server)
     # As the cluster does it: the app's role, SCRAM secrets, a certificate for 127.0.0.1, and
     # deploy/pgbouncer.ini, the cluster's own template, with a pool of 10 on 127.0.0.1.
     files = Credentials(folder)
