@@ -165,6 +165,7 @@ def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size:
         tls_key_file=files.key("pgbouncer"),
         server_tls_sslmode="verify-full" if server_tls else "disable",
         ca_file=files.ca_cert,
+        query_wait_timeout=max(1, min(30, Settings.from_env().statement_timeout_ms // 2000)),
         pool_size=pool_size,
         max_client_conn=max_client_conn,
         unix_socket_dir=socket_dir or "",

@@ -101,10 +101,12 @@ def test_loop_blocks_are_caught_where_they_happen(start_server, psycogreen, bloc
     warnings = [line for line in server.log().splitlines() if "event loop blocked for" in line]
     assert {answer.status for answer in in_flight.result} == {200}
     if blocks_expected:
-        assert blocked == stats["count"] == len(warnings) >= 3, warnings
-        assert all("models.py" in line and "in pg_sleep" in line for line in warnings), warnings
+        # A fresh clone's first request may also block briefly where it starts (imports on
+        # first use): every block is counted, and those of the pg_sleeps name them.
+        sleeps = [line for line in warnings if "models.py" in line and "in pg_sleep" in line]
+        assert blocked == stats["count"] == len(warnings) and len(sleeps) >= 3, warnings
         ids = {answer.headers["x-request-id"] for answer in in_flight.result}
-        assert all(line.rsplit("request_id=", 1)[-1] in ids for line in warnings), "each names the blocking request"
+        assert all(line.rsplit("request_id=", 1)[-1] in ids for line in sleeps), "each names the blocking request"
         assert 0.3 < stats["longest_seconds"] < 1.0
         assert value(samples, "greenflask_event_loop_blocked_seconds_count") == blocked
     else:
