@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test cluster lint bench cluster-bench clean
+.PHONY: demo test cluster lint bench cluster-bench bench-client clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ cluster-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.cluster_bench
+
+# The load tester against wrk2 (skipped without it: bench/client.py says how to build it).
+bench-client: $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || (apt-get update -qq && apt-get install -y -qq haproxy)
+	$(PY) -m bench.client
 
 clean:
 	-$(PY) -m greenflask.embedded stop

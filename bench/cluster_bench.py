@@ -23,8 +23,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, loadtest, replace_section, statuses_text, wrk
+from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, replace_section, statuses_text, wrk
 from deploy import cluster
+from loadtester import output
+from loadtester.report import Report
 
 SECTION = "## 5. Past one machine"
 
@@ -97,7 +99,7 @@ def throughput_rows(env: dict) -> list[dict]:
     return rows
 
 
-def waves_row(env: dict) -> loadtest.Report:
+def waves_row(env: dict) -> Report:
     # 4 x 2 x 200 app connections: room for the 1,000 requests even when a host's two
     # workers accept unevenly, so the only queue is PgBouncer's.
     with Cluster({**env, "DB_POOL_SIZE": "200"}, "--hosts", "4", "--workers", "2", "--pgbouncer-pool", "80") as url:
@@ -116,7 +118,7 @@ def fastest_host_count(speed: list[dict]) -> int:
     return max(by_hosts, key=by_hosts.get)
 
 
-def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str:
+def render(limits: list[dict], speed: list[dict], waves: Report) -> str:
     lines = [SECTION, "", f"Made by `make cluster-bench` on {time.strftime('%Y-%m-%d')}: `deploy/cluster.py` on this "
              f"machine, app hosts in network namespaces, HAProxy on 127.0.0.1, {pgbouncer_version()} in transaction "
              "mode, an embedded PostgreSQL with max_connections = 100 (97 for clients).", "",
@@ -126,7 +128,7 @@ def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str
     for row in limits:
         report = row["report"]
         lines.append(f"| {row['label']} | {report.wall:.2f} s | {statuses_text(report.statuses, report.errors)} | "
-                     f"{loadtest.describe_waves(report.ok_waves)} | {row['refused']} |")
+                     f"{output.describe_waves(report.ok_waves)} | {row['refused']} |")
     lines += ["", "Straight, the server refuses every connection past `max_connections` (the app connects as a "
               "superuser, so all 100 count): those requests answer 503 `database_unavailable` at once. Through "
               "PgBouncer every request is a client of PgBouncer, and the server sees at most its 80 connections: "
@@ -146,7 +148,7 @@ def render(limits: list[dict], speed: list[dict], waves: loadtest.Report) -> str
               "x pool 200)", "",
               f"wall {waves.wall:.2f} s ({waves.wall / waves.ideal:.1f} x the sleep); answers "
               f"{statuses_text(waves.statuses, waves.errors)}; "
-              f"waves of 2xx: {loadtest.describe_waves(waves.ok_waves)}. PgBouncer's server pool, not the app, "
+              f"waves of 2xx: {output.describe_waves(waves.ok_waves)}. PgBouncer's server pool, not the app, "
               "bounds the concurrency: 1,000 / 80 rounds up to 13 waves of one second."]
     return "\n".join(lines) + "\n"
 

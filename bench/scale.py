@@ -19,10 +19,12 @@ import time
 
 import psutil
 
-import loadtest
 from bench.suite import FLOOR_APP, RUNS, TOOLS, libpq_dsn, replace_section, server, server_processes
 from greenflask import embedded, limits
 from greenflask.settings import Server, Settings
+from loadtester import burst, output, walls
+from loadtester.measure import client_session, probe
+from loadtester.report import Report, summarize
 
 SECTION = "## 6. How cost grows: N at once, 1 and 2 workers"
 COUNTS = (100, 1000, 3000, 10_000)
@@ -61,12 +63,12 @@ class PeakMemory:
 def measure(base_url: str, pid: int, route: str, count: int) -> dict:
     """One burst of `count` × SECONDS on `route`: the report, worker CPU per request, and
     worker MB per 1,000 open connections (the peak RSS over the burst, less before it)."""
-    url = f"{base_url}{loadtest.ROUTES[route]}?seconds={SECONDS:g}"
+    url = f"{base_url}{burst.ROUTES[route]}?seconds={SECONDS:g}"
 
     async def run():
-        stats = await loadtest.probe(base_url)
-        async with loadtest.client_session(120) as session:
-            outcomes, wall = await loadtest.burst(session, url, count)
+        stats = await probe(base_url)
+        async with client_session(120) as session:
+            outcomes, wall = await burst.fire(session, url, count)
         return stats, outcomes, wall
 
     workers = server_processes(pid)[1:]
@@ -74,8 +76,8 @@ def measure(base_url: str, pid: int, route: str, count: int) -> dict:
     with PeakMemory(pid) as memory:
         stats, outcomes, wall = asyncio.run(run())
     cpu, client = _cpu(workers) - cpu_before, _cpu([psutil.Process()]) - client_before
-    report = loadtest.summarize(route, url, outcomes, wall, SECONDS)
-    report.wall_named = loadtest.name_walls(report, stats)
+    report = summarize(route, url, outcomes, wall, SECONDS)
+    report.wall_named = walls.name_walls(report, stats)
     return {"report": report, "cpu_us": cpu * 1e6 / count, "client_us": client * 1e6 / count,
             "mb_per_1000": (memory.peak - memory.before) / 2**20 / count * 1000}
 
@@ -94,8 +96,8 @@ def warm(base_url: str) -> None:
     url = f"{base_url}/sleep/postgres/?seconds=0.2"
 
     async def run():
-        async with loadtest.client_session(60) as session:
-            await loadtest.burst(session, url, 200)
+        async with client_session(60) as session:
+            await burst.fire(session, url, 200)
 
     asyncio.run(run())
 
@@ -112,10 +114,10 @@ def rows_for(workers: int, count: int, url: str, env: dict | None = None, floor:
         for name, worker_args, server_env, wsgi_app, ready in targets:
             with server(worker_args, server_env, wsgi_app, ready) as (base_url, pid):
                 warm(base_url)
-                for route in loadtest.ROUTES:
+                for route in burst.ROUTES:
                     runs.setdefault((name, route), []).append(measure(base_url, pid, route, count))
     rows = []
-    for route in loadtest.ROUTES:
+    for route in burst.ROUTES:
         app = _median_run(runs[("app", route)])
         row = {"workers": workers, "n": count, "route": route, "app": app}
         if floor:
@@ -151,13 +153,13 @@ def render(rows: list[dict], defaults: list[dict]) -> str:
         label = row["workers"] if floor else f"{row['workers']}, gunicorn's defaults"
         codes = f" ({', '.join(f'{code}' for code in report.error_codes)})" if report.error_codes else ""
         lines.append(f"| {label} | {row['route']} | {row['n']:,} | {report.wall / SECONDS:.2f} | {floor_ratio} | "
-                     f"{of_floor} | {_answers(report)}{codes} | {loadtest.describe_waves(report.ok_waves)} | "
+                     f"{of_floor} | {_answers(report)}{codes} | {output.describe_waves(report.ok_waves)} | "
                      f"{report.wall_named or '-'} | {cpu} | {app['client_us']:.0f} µs | {memory} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def _answers(report: loadtest.Report) -> str:
+def _answers(report: Report) -> str:
     shown = [f"{count} x {status}" for status, count in report.statuses.items()]
     return ", ".join(shown + [f"{count} x {kind}" for kind, count in report.errors.items()])
 

@@ -35,10 +35,12 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-import loadtest
 import seed
 from greenflask import PROJECT_DIR, embedded, servers
 from greenflask.settings import Settings, Tools
+from loadtester import burst, output
+from loadtester.measure import client_session
+from loadtester.report import Report, summarize
 
 ROOT = PROJECT_DIR
 TOOLS = Tools.from_env()
@@ -98,15 +100,15 @@ def asyncpg_dsn(url: str) -> str:
 # --- measuring -----------------------------------------------------------------------------
 
 
-def burst_report(base_url: str, route: str, count: int, seconds: float) -> loadtest.Report:
-    url = f"{base_url}{loadtest.ROUTES[route]}?seconds={seconds:g}"
+def burst_report(base_url: str, route: str, count: int, seconds: float) -> Report:
+    url = f"{base_url}{burst.ROUTES[route]}?seconds={seconds:g}"
 
     async def run():
-        async with loadtest.client_session(120) as session:
-            return await loadtest.burst(session, url, count)
+        async with client_session(120) as session:
+            return await burst.fire(session, url, count)
 
     outcomes, wall = asyncio.run(run())
-    return loadtest.summarize(route, url, outcomes, wall, seconds)
+    return summarize(route, url, outcomes, wall, seconds)
 
 
 def wrk(url: str, connections: int = 64, threads: int = 2, seconds: int = WRK_SECONDS) -> dict:
@@ -178,7 +180,7 @@ def concurrency_efficiency(url: str) -> list[dict]:
     """The app's bursts, and the raw WSGI floor's /sleep/python/ beside them: what this
     machine (and the load tester on the same cores) allows any server of this stack."""
     counts = (5, 100, 1000)
-    runs: dict[tuple, list[loadtest.Report]] = {}
+    runs: dict[tuple, list[Report]] = {}
     floor_env = {"BENCH_DSN": libpq_dsn(url), "BENCH_POOL_SIZE": "100"}
     with server(["-k", "gevent"]) as (base_url, _), \
             server(["-k", "gevent"], floor_env, FLOOR_APP, "/todos") as (floor_url, _):
@@ -187,7 +189,7 @@ def concurrency_efficiency(url: str) -> list[dict]:
         for _ in range(RUNS):
             for seconds in SLEEPS:
                 for count in counts:
-                    for route in loadtest.ROUTES:
+                    for route in burst.ROUTES:
                         report = burst_report(base_url, route, count, seconds)
                         runs.setdefault((seconds, count, route), []).append(report)
                     if count > 5:
@@ -206,7 +208,7 @@ def concurrency_efficiency(url: str) -> list[dict]:
 
 def original_pool() -> list[dict]:
     configs = {"original pool 5 + 10, 30 s": ORIGINAL_POOL, "defaults 100 + 0, 3 s": {}}
-    results: dict[str, list[loadtest.Report]] = {name: [] for name in configs}
+    results: dict[str, list[Report]] = {name: [] for name in configs}
     for _ in range(RUNS):
         for name, env in configs.items():
             with server(["-k", "gevent"], env) as (base_url, _):
@@ -344,13 +346,13 @@ def render(facts, efficiency, original, speed, client) -> str:
     for row in efficiency:
         lines.append(f"| {row['seconds']:g} s | {row['n']} | {row['route']} | {row['wall']:.2f} s | "
                      f"{row['ratio']:.3f} | {statuses_text(row['statuses'], row['errors'])} | "
-                     f"{loadtest.describe_waves(row['ok_waves'])} | "
+                     f"{output.describe_waves(row['ok_waves'])} | "
                      f"{row['p50']:.2f} / {row['max']:.2f} s |")
     lines += ["", f"## 2. The original design's pool, N = 100 on /sleep/postgres/, {ORIGINAL_SLEEP:g} s sleeps", "",
               "| pool | wall | answers | waves of 2xx |", "|---|---|---|---|"]
     for row in original:
         lines.append(f"| {row['config']} | {row['wall']:.2f} s | {statuses_text(row['statuses'])} | "
-                     f"{loadtest.describe_waves(row['waves'])} |")
+                     f"{output.describe_waves(row['waves'])} |")
     lines += ["", f"## 3. Throughput, GET /todos (50 rows), wrk -t2 -c64 -d{WRK_SECONDS}s, {PROCESSES} processes each",
               "", "| server | req/s | p99 | of the floor | non-2xx | CPU per request: server / PostgreSQL |",
               "|---|---|---|---|---|---|"]

@@ -186,6 +186,10 @@ class Tools:
     bench_output: Path
     bench_dsn: str | None  # the floor's and the peer's database, set by the benchmarks
     bench_pool_size: int
+    bench_wrk2: str | None  # bench/client.py: the wrk2 binary (else `wrk2` on PATH)
+    bench_client_seconds: float
+    bench_client_rates: tuple[int, ...]
+    bench_client_searches: int
 
     @classmethod
     def from_env(cls) -> "Tools":
@@ -194,6 +198,11 @@ class Tools:
             bench_seconds = tuple(float(value) for value in seconds.split(","))
         except ValueError:
             raise SystemExit(f"BENCH_SECONDS={seconds!r}: use seconds separated by commas, e.g. 1,2") from None
+        rates = env_text("BENCH_CLIENT_RATES", "1000,1500,2000,2500,3000,4000")
+        try:
+            client_rates = tuple(int(value) for value in rates.split(","))
+        except ValueError:
+            raise SystemExit(f"BENCH_CLIENT_RATES={rates!r}: use rates separated by commas, e.g. 1000,2000") from None
         return cls(
             loadtest_server_log=Path(env_text("LOADTEST_SERVER_LOG") or PROJECT_DIR / "loadtest-matrix.log"),
             cluster_dir=Path(env_text("CLUSTER_DIR", "/tmp/greenflask-cluster")),
@@ -205,6 +214,10 @@ class Tools:
             bench_output=Path(env_text("BENCH_OUTPUT") or PROJECT_DIR / "BENCHMARKS.md"),
             bench_dsn=env_text("BENCH_DSN"),
             bench_pool_size=env_number("BENCH_POOL_SIZE", 20, minimum=1),
+            bench_wrk2=env_text("BENCH_WRK2"),
+            bench_client_seconds=env_number("BENCH_CLIENT_SECONDS", 5.0, float),
+            bench_client_rates=client_rates,
+            bench_client_searches=env_number("BENCH_CLIENT_SEARCHES", 5, minimum=1),
         )
 
 

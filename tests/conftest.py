@@ -21,11 +21,12 @@ import pytest
 from sqlalchemy import text
 
 import db
-import loadtest
 import seed
 from app import create_app
 from greenflask import PROJECT_DIR, embedded, servers
 from greenflask.settings import Settings
+from loadtester import burst as loadtest_burst
+from loadtester.measure import client_session
 
 ROOT = PROJECT_DIR
 
@@ -133,7 +134,7 @@ def send_many(method: str, url: str, bodies: list, timeout: float = 60, headers:
             return Answer(0, {}, repr(error).encode())
 
     async def run():
-        async with loadtest.client_session(timeout) as session:
+        async with client_session(timeout) as session:
             return await asyncio.gather(*(one(session, body) for body in bodies))
 
     return asyncio.run(run())
@@ -143,8 +144,8 @@ def burst(url: str, count: int, timeout: float = 60):
     """`count` concurrent GETs with the load tester's own code; (outcomes, wall seconds)."""
 
     async def run():
-        async with loadtest.client_session(timeout) as session:
-            return await loadtest.burst(session, url, count)
+        async with client_session(timeout) as session:
+            return await loadtest_burst.fire(session, url, count)
 
     return asyncio.run(run())
 

@@ -3,6 +3,7 @@ waves a burst makes are known in advance; and routes that fail, answer fast, or 
 
 import asyncio
 import collections
+import random
 import threading
 import time
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from greenflask import servers
 
+BACKLOG = 4096
 KNEE_WINDOW = 0.5  # seconds over which /knee measures its arrival rate
 
 
@@ -19,6 +21,7 @@ class SlotServer:
     def __init__(self, slots: int, stall_after: float = 2.0, stall_seconds: float = 1.0, knee: float = 300):
         self.slots, self.knee = slots, knee
         self._arrivals: collections.deque = collections.deque()
+        self._answered = 0
         self.stall_after, self.stall_seconds = stall_after, stall_seconds
         self.stall_at, self.stalled = None, False
         self.port = servers.free_port()
@@ -46,14 +49,34 @@ class SlotServer:
             time.sleep(self.stall_seconds)  # blocks this server's loop on purpose
         return web.json_response({"ok": True})
 
-    async def _knee(self, request):
-        """Fast up to `knee` requests a second, slow (0.2 s) past it: a server with a known capacity."""
+    def _arrival_rate(self) -> float:
         now = time.monotonic()
         self._arrivals.append(now)
         while self._arrivals[0] < now - KNEE_WINDOW:
             self._arrivals.popleft()
-        if len(self._arrivals) / KNEE_WINDOW > self.knee:
+        return len(self._arrivals) / KNEE_WINDOW
+
+    async def _knee(self, request):
+        """A server with a known capacity and a real server's kind of noise: a share of its
+        answers is slow (0.2 s), 1 % at `knee` requests a second and growing steeply with
+        the rate ((rate / knee)^6: 0.3 % at 0.8 x knee, 3 % at 1.2 x), so that a p99 near the
+        knee comes out above or below 50 ms from one run to the next."""
+        if random.random() < 0.01 * (self._arrival_rate() / self.knee) ** 6:
             await asyncio.sleep(0.2)
+        return web.json_response({"ok": True})
+
+    async def _one_in_100(self, request):
+        """Every hundredth answer slow (0.2 s): a p99 on the very edge of a 50 ms SLO."""
+        self._answered += 1
+        if self._answered % 100 == 0:
+            await asyncio.sleep(0.2)
+        return web.json_response({"ok": True})
+
+    async def _saturates(self, request):
+        """Fast up to `knee` requests a second; past it every answer takes 3 s, so requests
+        time out and pile up in flight: a saturated server, not a slow client."""
+        if self._arrival_rate() > self.knee:
+            await asyncio.sleep(3)
         return web.json_response({"ok": True})
 
     def _run(self):
@@ -68,9 +91,14 @@ class SlotServer:
         app.router.add_get("/stalls-once", self._stalls_once)
         app.router.add_get("/fail", self._fail)
         app.router.add_get("/knee", self._knee)
+        app.router.add_get("/saturates", self._saturates)
+        app.router.add_get("/one-in-100", self._one_in_100)
         self._runner = web.AppRunner(app, access_log=None)  # a log line per request would slow it down
         self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        # aiohttp listens with a backlog of 128: a burst of 250 connects overflows it, and the
+        # kernel's SYN retransmit a second later splits the burst into two waves.
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=BACKLOG)
+        self._loop.run_until_complete(site.start())
         self._started.set()
         self._loop.run_forever()
         self._loop.run_until_complete(self._runner.cleanup())

@@ -27,8 +27,8 @@ from conftest import (
     run_cluster,
 )
 
-import loadtest
 from deploy import credentials, ha
+from loadtester.measure import client_session
 
 INSTALL = f"{ha.PACKAGES} pgbouncer haproxy"
 pytestmark = [*cluster_marks("pgbouncer", "haproxy", "etcd", "patroni", install=INSTALL),
@@ -76,7 +76,7 @@ def writes(url: str, seconds: float, tag: str) -> list[dict]:
         return record
 
     async def run():
-        async with loadtest.client_session(30) as session:
+        async with client_session(30) as session:
             return await asyncio.gather(*(one(session, number) for number in range(int(seconds * WRITES_PER_SECOND))))
 
     return asyncio.run(run())

@@ -15,7 +15,7 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "fasteners": "fasteners", "prometheus_client": "prometheus_client", "rich": "rich", "pytest": "pytest",
              "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
              "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography"}
-OWN = TOP_MODULES | {"greenflask", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
+OWN = TOP_MODULES | {"greenflask", "loadtester", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
 def python_files() -> list:
@@ -33,10 +33,17 @@ def imported(path) -> set[str]:
     return names
 
 
-def test_the_package_never_imports_the_top():
+def test_the_packages_never_import_the_top():
     offenders = {str(path.relative_to(ROOT)): imported(path) & TOP_MODULES
-                 for path in (ROOT / "greenflask").glob("*.py")}
+                 for package in ("greenflask", "loadtester") for path in (ROOT / package).glob("*.py")}
     assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_the_load_tester_is_a_command_line_over_its_package():
+    """loadtest.py keeps the command line; tests and bench/ import the package, not the script."""
+    assert len((ROOT / "loadtest.py").read_text().splitlines()) <= 250
+    importers = [str(path.relative_to(ROOT)) for path in python_files() if "loadtest" in imported(path)]
+    assert not importers, importers
 
 
 def test_no_sys_path_edits():

@@ -3,15 +3,19 @@ against the project's real server."""
 
 import json
 import os
+import random
 import re
 import time
 
 import pytest
+from conftest import in_background
 from conftest import run_loadtest as run
 from slotserver import SlotServer
 
-import loadtest
 from greenflask import servers
+from loadtester import merge, output
+from loadtester.measure import Outcome
+from loadtester.report import find_waves, summarize
 
 LINE = re.compile(r"^\t@ +\d+\.\d\ds got response \[200\]$", re.MULTILINE)
 
@@ -98,13 +102,13 @@ def test_closed_loop_reports_rate_and_percentiles(three_slots, tmp_path):
 
 
 def test_text_timeline_groups_completions():
-    rows = loadtest.timeline_rows([0.31, 0.32, 0.61, 0.62, 0.63], width=0.1)
+    rows = output.timeline_rows([0.31, 0.32, 0.61, 0.62, 0.63], width=0.1)
     assert [count for _, count in rows] == [2, 3]
 
 
 def test_find_waves_splits_on_gaps():
-    assert loadtest.find_waves([1.0, 1.01, 2.0, 2.02, 3.0], gap=0.25) == [2, 2, 1]
-    assert loadtest.find_waves([], gap=0.25) == []
+    assert find_waves([1.0, 1.01, 2.0, 2.02, 3.0], gap=0.25) == [2, 2, 1]
+    assert find_waves([], gap=0.25) == []
 
 
 def test_against_the_real_server_both_routes_in_one_wave(green_server, tmp_path):
@@ -187,3 +191,66 @@ def test_conflicting_or_bad_command_lines_are_one_line_exit_2(args):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.startswith("loadtest.py: ")
 
+
+
+def test_the_open_loop_spread_over_processes_keeps_one_schedule(tmp_path):
+    with SlotServer(slots=1000) as server:
+        result = run("--rate", "400", "-d", "2", "--processes", "2", "/fast", "--url", server.url,
+                     "--json", str(tmp_path / "o.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "o.json").read_text())["reports"][0]
+    assert report["processes"] == 2 and report["requests"] == 800 and report["statuses"] == {"200": 800}
+    # Interleaved, the two processes' sends fill each quarter second with its 100: none twice, none left out.
+    counts = [row[1] for row in report["timeline"]]
+    assert sum(counts) == 800 and all(abs(count - 100) <= 5 for count in counts), counts
+    assert "from 2 processes" in result.stdout
+
+
+def test_the_closed_loop_spread_over_processes(three_slots, tmp_path):
+    result = run("-c", "4", "-d", "1", "--processes", "2", "/fast", "--url", three_slots.url,
+                 "--json", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "c.json").read_text())["reports"][0]
+    assert report["processes"] == 2 and report["requests"] > 100 and set(report["statuses"]) == {"200"}
+
+
+def test_merged_histograms_give_the_percentiles_of_all_the_requests():
+    """Two shards' reports merged answer exactly what one report of every request would."""
+    generator = random.Random(7)
+    outcomes = [Outcome(done_at=index / 500, latency=generator.lognormvariate(-5, 1), status=200,
+                        late=generator.choice([0.0, 0.0, 0.003])) for index in range(2000)]
+    whole = summarize("all", "http://x", outcomes, 4.0, rate=500, send_window=4.0, started_at=1000.0)
+    shards = {f"{index}.json": summarize("shard", "http://x", outcomes[index::2], 4.0, rate=250, send_window=4.0,
+                                         started_at=1000.0) for index in range(2)}
+    merged = merge.merge(shards, "open")
+    assert merged.latency_corrected == whole.latency_corrected and merged.latency_service == whole.latency_service
+    assert merged.requests == 2000 and merged.rate_asked == 500 and merged.late_sends == whole.late_sends
+    assert merged.statuses == {200: 2000}
+
+
+def test_shards_run_apart_merge_into_one_report(tmp_path):
+    with SlotServer(slots=1000) as server:
+        shards = [in_background(run, "--rate", "100", "-d", "2", "--processes", "1", "/fast", "--url", server.url,
+                                "--json", str(tmp_path / f"{name}.json")) for name in ("a", "b")]
+        for shard in shards:
+            shard.join()
+        assert all(shard.result.returncode == 0 for shard in shards)
+        later = run("--rate", "100", "-d", "1", "/fast", "--url", server.url, "--json", str(tmp_path / "c.json"))
+        burst = run("3", "--seconds", "0", "--url", server.url, "--json", str(tmp_path / "burst.json"))
+    assert later.returncode == 0 and burst.returncode == 0
+    merged = run("merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "m.json"),
+                 "--plot", str(tmp_path / "m.png"))
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    parts = [json.loads((tmp_path / f"{name}.json").read_text())["reports"][0] for name in ("a", "b")]
+    found = json.loads((tmp_path / "m.json").read_text())
+    report = found["reports"][0]
+    assert found["mode"] == "open" and report["requests"] == 400 and report["statuses"] == {"200": 400}
+    assert report["rate_asked"] == 200 and 180 < report["rate_achieved"] < 220
+    p99s = sorted(part["latency_corrected"]["p99"] for part in parts)
+    assert p99s[0] <= report["latency_corrected"]["p99"] <= p99s[1]
+    assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
+    for others, said in (((tmp_path / "a.json", tmp_path / "c.json"), "taken at different times"),
+                         ((tmp_path / "a.json", tmp_path / "burst.json"), "burst run: merge takes")):
+        refused = run("merge", *map(str, others))
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert said in refused.stderr and refused.stderr.startswith("loadtest.py merge: "), refused.stderr

@@ -9,7 +9,7 @@ import time
 from conftest import in_background, request, run_loadtest
 from slotserver import SlotServer
 
-import loadtest
+from loadtester import walls
 
 
 def burst_against(start_server, env: dict, count: int, seconds: float, route: str, tmp_path):
@@ -100,7 +100,7 @@ STATS = {"connections": {"limit": 1000, "workers": 1}, "wait_callback": True,
 
 
 def test_each_limit_is_named_from_the_waves_it_makes():
-    name = loadtest.name_the_wall
+    name = walls.name_the_wall
     assert name([3000], STATS, "python") is None, "one wave: no wall"
     assert name([1000, 1000, 1000], STATS, "python") == (
         "waves of 1000: the worker's connection limit (GUNICORN_WORKER_CONNECTIONS 1000)")
@@ -119,12 +119,12 @@ def test_each_limit_is_named_from_the_waves_it_makes():
 
 def test_disconnects_are_named():
     stats = {**STATS, "connections": {**STATS["connections"], "keepalive": 2}}
-    assert loadtest.name_the_disconnects({"disconnected": 5552}, stats) == (
+    assert walls.name_the_disconnects({"disconnected": 5552}, stats) == (
         "disconnected x 5552: closed unanswered, their request not read within gunicorn's keepalive "
         "(2 s, GUNICORN_KEEPALIVE)")
 
 
 def test_503s_of_the_pool_are_named():
-    assert loadtest.name_the_503s({"pool_exhausted": 297}, STATS) == (
+    assert walls.name_the_503s({"pool_exhausted": 297}, STATS) == (
         "pool_exhausted x 297: waited past DB_POOL_TIMEOUT (3 s) for one of the pool's 100 connections")
-    assert loadtest.name_the_503s({"database_unavailable": 3}, STATS) is None
+    assert walls.name_the_503s({"database_unavailable": 3}, STATS) is None

@@ -1,0 +1,183 @@
+"""`make bench-client` (python -m bench.client): the load tester at the top end, written to
+BENCHMARKS.md section 7.
+
+1. The highest rate each open-loop client keeps on schedule, the runs alternating per rate:
+   `loadtest.py --rate R` from 1 and from 2 processes (on schedule: late sends under 1 %)
+   and wrk2 `-t2 -c64 -R R` (on schedule: it achieved 99 % of R), against two servers: the
+   raw floor (bench/floor_wsgi.py, 2 gevent workers, GET /todos?limit=5) and a static answer
+   from HAProxy (a server that costs next to nothing: the clients' own limits).
+2. Five capacity searches in a row against one `gunicorn app:app -k gevent`
+   (`--find-capacity --slo p99=50ms -d 3 /todos?limit=5`), then wrk2 at the rate found and
+   a quarter above it: does a client no one here wrote put the knee in the same place?
+
+wrk2 (Gil Tene's constant-rate fork of wrk) is not packaged: build it from its source
+(`make` in a checkout of giltene/wrk2) and put it on PATH as `wrk2`, or name it with
+BENCH_WRK2. Without it, its columns are skipped. Shorter: BENCH_CLIENT_SECONDS (5),
+BENCH_CLIENT_RATES ("1000,1500,2000,2500,3000,4000"), BENCH_CLIENT_SEARCHES (5).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import seed
+from bench.suite import FLOOR_APP, LOG, ROOT, TOOLS, libpq_dsn, replace_section, server
+from greenflask import embedded, servers
+from greenflask.settings import Settings
+
+SECTION = "## 7. The load tester at the top end"
+PATH = "/todos?limit=5"
+SLO = "p99=50ms"
+
+
+def wrk2_path() -> str | None:
+    return TOOLS.bench_wrk2 or shutil.which("wrk2")
+
+
+def loadtest(*args: str) -> dict:
+    """`python loadtest.py ARGS --quiet --json`: its JSON."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, "loadtest.py", *args, "--quiet", "--json", out.name], cwd=ROOT,
+                       stdout=subprocess.DEVNULL, check=False)
+        return json.loads(Path(out.name).read_text())
+
+
+def open_loop(url: str, rate: int, processes: int) -> dict:
+    report = loadtest("--rate", str(rate), "-d", str(TOOLS.bench_client_seconds), "--processes", str(processes),
+                      "--url", url, PATH)["reports"][0]
+    late = report["late_sends"] / max(report["requests"], 1)
+    return {"late": late, "achieved": report["rate_achieved"], "p99": report["latency_corrected"]["p99"],
+            "kept": late < 0.01}
+
+
+def wrk2(url: str, rate: float, seconds: float) -> dict:
+    """wrk2 -t2 -c64 -R RATE: its achieved rate and its (corrected) p99."""
+    out = subprocess.run([wrk2_path(), "-t2", "-c64", f"-d{seconds:g}s", f"-R{rate:g}", "--latency", url + PATH],
+                         capture_output=True, text=True, check=False).stdout
+    achieved = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    value, unit = re.search(r"99\.000%\s+([\d.]+)(us|ms|s|m)\b", out).groups()
+    p99 = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    return {"achieved": achieved, "p99": p99, "kept": achieved >= 0.99 * rate}
+
+
+@contextmanager
+def static_answer():
+    """HAProxy answering every request itself: the cheapest server this machine has."""
+    port = servers.free_port()
+    config = Path(tempfile.mkdtemp()) / "static.cfg"
+    config.write_text(f"""global
+    maxconn 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend static
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type application/json string "{{\\"ok\\":true}}"
+""")
+    process = servers.spawn([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(config)], LOG)
+    try:
+        servers.wait_until(lambda: servers.port_open("127.0.0.1", port), "haproxy")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        servers.stop(process.pid)
+        shutil.rmtree(config.parent)
+
+
+def schedule_rows(url: str) -> list[dict]:
+    rows = []
+    for rate in TOOLS.bench_client_rates:
+        row = {"rate": rate, "p1": open_loop(url, rate, 1), "p2": open_loop(url, rate, 2)}
+        if wrk2_path():
+            row["wrk2"] = wrk2(url, rate, TOOLS.bench_client_seconds)
+        print(f"  {rate}/s: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def searches(url: str) -> list[dict]:
+    found = []
+    with server(["-k", "gevent"], {"DATABASE_URL": url}) as (base_url, _):
+        for index in range(TOOLS.bench_client_searches):
+            search = loadtest("--find-capacity", "--slo", SLO, "-d", "3", "--url", base_url, PATH)
+            capacity = search["capacity"] or {}
+            print(f"  search {index + 1}: {capacity.get('line', 'no answer')}", flush=True)
+            found.append({"rate": capacity.get("rate"), "line": capacity.get("line", "no answer"),
+                          "steps": len(search["steps"]), "runs": len(search["reports"])})
+        rates = [row["rate"] for row in found if row["rate"]]
+        knee = sorted(rates)[len(rates) // 2] if rates else None
+        checks = [(rate, wrk2(base_url, rate, 10)) for rate in (knee, round(knee * 1.25))] if knee and wrk2_path() \
+            else []
+    return [{"searches": found, "knee": knee, "wrk2": checks}]
+
+
+def highest(rows: list[dict], key: str) -> int | None:
+    kept = [row["rate"] for row in rows if key in row and row[key]["kept"]]
+    return max(kept) if kept else None
+
+
+def render(by_server: dict[str, list[dict]], search: dict) -> str:
+    seconds = TOOLS.bench_client_seconds
+    lines = [SECTION, "", f"Made by `python -m bench.client` on {time.strftime('%Y-%m-%d')}. Open loop, {seconds:g} s "
+             "per run, the clients alternating per rate; loadtest.py on schedule = late sends (> 1 ms) under 1 %, "
+             "wrk2 on schedule = it achieved 99 % of the rate asked. Cells: late sends or achieved rate, "
+             "corrected p99.", ""]
+    for name, rows in by_server.items():
+        lines += [f"### {name}", "", "| rate | loadtest.py, 1 process | loadtest.py, 2 processes | wrk2 -t2 -c64 |",
+                  "|---|---|---|---|"]
+        for row in rows:
+            cells = [f"{row[key]['late']:.1%} late, {row[key]['p99'] * 1000:.1f} ms" for key in ("p1", "p2")]
+            cells.append(f"{row['wrk2']['achieved']:,.0f}/s, {row['wrk2']['p99'] * 1000:.1f} ms" if "wrk2" in row
+                         else "no wrk2")
+            lines.append(f"| {row['rate']:,} | " + " | ".join(cells) + " |")
+        best = {key: highest(rows, key) for key in ("p1", "p2", "wrk2")}
+        shown = {key: f"{value:,}/s" if value else "none" for key, value in best.items()}
+        ratio = f" ({best['p2'] / best['wrk2']:.2f} of wrk2's)" if best["p2"] and best["wrk2"] else ""
+        lines += ["", f"Highest rate on schedule: 1 process {shown['p1']}, 2 processes {shown['p2']}{ratio}, "
+                  f"wrk2 {shown['wrk2']}.", ""]
+    lines += ["### Five searches in a row", "",
+              f"`loadtest.py --find-capacity --slo {SLO} -d 3 {PATH}` against one `gunicorn app:app -k gevent`:", "",
+              "| search | answer | steps | runs |", "|---|---|---|---|"]
+    for index, row in enumerate(search["searches"], 1):
+        lines.append(f"| {index} | {row['line']} | {row['steps']} | {row['runs']} |")
+    rates = [row["rate"] for row in search["searches"] if row["rate"]]
+    if rates:
+        middle = (max(rates) + min(rates)) / 2
+        lines += ["", f"Answers {min(rates):,.0f} to {max(rates):,.0f} req/s: {middle:,.0f} ± "
+                  f"{(max(rates) - min(rates)) / 2 / middle:.0%}."]
+    for rate, figures in search["wrk2"]:
+        lines.append(f"wrk2 -t2 -c64 -R{rate:g} -d10s on the same server: achieved {figures['achieved']:,.0f}/s, "
+                     f"p99 {figures['p99'] * 1000:.1f} ms.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    url = embedded.database_url(Settings.from_env())
+    seed.seed(embedded.script_engine(url), reset=True)
+    if not wrk2_path():
+        print("no wrk2 (BENCH_WRK2 or wrk2 on PATH): its columns are skipped", flush=True)
+    by_server = {}
+    print("1/3 the floor ...", flush=True)
+    with server(["-k", "gevent", "-w", "2"], {"BENCH_DSN": libpq_dsn(url)}, FLOOR_APP, "/todos") as (base_url, _):
+        by_server["Against the raw floor (2 gevent workers, GET /todos?limit=5)"] = schedule_rows(base_url)
+    print("2/3 a static answer ...", flush=True)
+    with static_answer() as base_url:
+        by_server["Against a static answer (HAProxy `http-request return`): the clients' own limit"] = \
+            schedule_rows(base_url)
+    print("3/3 five searches ...", flush=True)
+    search = searches(url)[0]
+    text = render(by_server, search)
+    print(text)
+    replace_section(TOOLS.bench_output, SECTION, text)
+    print(f"written to {TOOLS.bench_output}")
+
+
+if __name__ == "__main__":
+    main()

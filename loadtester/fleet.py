@@ -1,0 +1,168 @@
+"""The client spread over processes: one process keeps an open loop's schedule to about
+1,000-1,500 sends a second (BENCHMARKS.md), so every mode sends from a fleet of P.
+
+Each process has its own event loop and aiohttp session and is handed the same job; once
+every process has said it is ready (its session made), the parent hands out one start on
+the wall clock, a moment ahead, so that a slow fork cannot skew it. A job's share is fixed
+by the process's index (the open loop's process i sends requests i, i+P, i+2P ... at their
+times on the one schedule), so the interleaved schedule is exact. Every outcome comes back
+to the parent, which makes the one report (one HDR histogram of all of them: the same as
+merging each process's). Processes are forked when the fleet starts and kept for all its
+jobs (a capacity search's steps); they ignore SIGINT: the parent owns Ctrl-C and stops them.
+"""
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from loadtester.measure import LATE_SEND, Live, Outcome
+
+START_LEAD = 0.05  # seconds between the last process saying it is ready and the shared start
+TICK = 0.25  # seconds between two reads of the live counters
+FIELDS = ("sent", "answered", "late", "errors")
+
+
+def default_processes() -> int:
+    return os.cpu_count() or 1
+
+
+class FleetFailed(Exception):
+    """A process of the fleet raised or died: a one-line reason."""
+
+
+class Counters(Live):
+    """This process's four counters in memory the parent reads (int64 writes need no lock)."""
+
+    def __init__(self, shared, index: int):
+        self.shared, self.base = shared, index * len(FIELDS)
+
+    def reset(self) -> None:
+        for offset in range(len(FIELDS)):
+            self.shared[self.base + offset] = 0
+
+    def sent(self) -> None:
+        self.shared[self.base] += 1
+
+    def done(self, outcome: Outcome) -> None:
+        self.shared[self.base + 1] += 1
+        self.shared[self.base + 2] += outcome.late > LATE_SEND
+        self.shared[self.base + 3] += outcome.error is not None
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one process of P is to do of a job, and the way to its start."""
+
+    index: int
+    processes: int
+    live: Live
+    connection: object  # to the parent
+
+    async def start(self) -> float:
+        """Say this process is ready, wait for the shared start, and sleep until it; the
+        start on this process's perf_counter (every time of the job counts from it)."""
+        self.connection.send(("ready", None))
+        start_at = self.connection.recv()
+        started = time.perf_counter() + (start_at - time.time())
+        await asyncio.sleep(max(0.0, started - time.perf_counter()))
+        return started
+
+    def part(self, total: int) -> int:
+        """This process's part of `total` things split as evenly as they go."""
+        return total // self.processes + (self.index < total % self.processes)
+
+    def indices(self, total: int) -> range:
+        """This process's places in a schedule of `total`: index, index + P, ..."""
+        return range(self.index, total, self.processes)
+
+
+def _serve(connection, index: int, processes: int, shared) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    live = Counters(shared, index)
+    loop = asyncio.new_event_loop()
+    while (message := connection.recv()) is not None:
+        job, args = message
+        live.reset()
+        try:
+            result = loop.run_until_complete(job(Share(index, processes, live, connection), *args))
+        except Exception as error:  # noqa: BLE001 - sent to the parent, which names it in one line
+            connection.send(("error", f"{type(error).__name__}: {error}"))
+        else:
+            connection.send(("ok", result))
+    loop.close()
+
+
+class Fleet:
+    """`with Fleet(P) as fleet: fleet.run(job, *args)`: each process's result, in index order."""
+
+    def __init__(self, processes: int):
+        self.processes = max(1, processes)
+        methods = multiprocessing.get_all_start_methods()
+        self._context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self._shared = self._context.Array("q", len(FIELDS) * self.processes, lock=False)
+        self._workers: list = []
+
+    def __enter__(self) -> "Fleet":
+        for index in range(self.processes):
+            parent_end, child_end = self._context.Pipe()
+            process = self._context.Process(target=_serve, args=(child_end, index, self.processes, self._shared),
+                                            daemon=True, name=f"loadtest-{index}")
+            process.start()
+            child_end.close()
+            self._workers.append((process, parent_end))
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        for process, connection in self._workers:
+            if kind is None and process.is_alive():
+                connection.send(None)
+            else:
+                process.terminate()
+        for process, connection in self._workers:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            connection.close()
+        self._workers.clear()
+
+    def totals(self) -> dict:
+        """The live counters summed over the processes."""
+        values = list(self._shared)
+        return {name: sum(values[offset::len(FIELDS)]) for offset, name in enumerate(FIELDS)}
+
+    def run(self, job, *args, on_tick=None) -> tuple[list, float]:
+        """Run the coroutine function `job(share, *args)` in every process from one start
+        (`await share.start()`); (each process's result, the start on the wall clock).
+        `on_tick(totals)` while waiting."""
+        for _, connection in self._workers:
+            connection.send((job, args))
+        self._gather("ready")
+        start_at = time.time() + START_LEAD
+        for _, connection in self._workers:
+            connection.send(start_at)
+        return self._gather("ok", on_tick), start_at
+
+    def _gather(self, wanted: str, on_tick=None) -> list:
+        """Every process's next message, which must be `wanted`: their values in index order."""
+        pending = {connection: index for index, (_, connection) in enumerate(self._workers)}
+        values: list = [None] * self.processes
+        while pending:
+            for connection in wait(list(pending), timeout=TICK):
+                index = pending.pop(connection)
+                try:
+                    status, value = connection.recv()
+                except EOFError:
+                    raise FleetFailed(f"load process {index} died") from None
+                if status == "error":
+                    raise FleetFailed(f"load process {index}: {value}")
+                if status != wanted:
+                    raise FleetFailed(f"load process {index} said {status}, not {wanted}")
+                values[index] = value
+            if on_tick:
+                on_tick(self.totals())
+        return values
