@@ -9,8 +9,8 @@ compared are made in this invocation, alternating, so a ratio never mixes two mo
 3. throughput of GET /todos (50 rows) with wrk against the app (gevent with and without its
    metrics, and sync), the raw WSGI floor (bench/floor_wsgi.py) and the aiohttp + asyncpg
    peer (bench/peer_aiohttp.py), with the CPU each server and PostgreSQL spend per request;
-4. the load tester's own capacity: its closed loop against wrk's on the floor, and the highest
-   rate its open loop keeps on schedule there.
+4. the load tester's own capacity: its closed loop against wrk's on the floor (its open loop
+   against wrk2: bench/client.py, section 7).
 
 Shorter runs for a quick look: BENCH_RUNS (3), BENCH_SECONDS (sleeps, "1,2"),
 BENCH_ORIGINAL_SECONDS (5), BENCH_WRK_SECONDS (8), BENCH_OUTPUT (BENCHMARKS.md).
@@ -51,8 +51,6 @@ SLEEPS = TOOLS.bench_seconds
 ORIGINAL_SLEEP = TOOLS.bench_original_seconds
 WRK_SECONDS = TOOLS.bench_wrk_seconds
 PROCESSES = "2"
-OPEN_LOOP_RATES = (500, 1000, 1500, 2000, 2500, 3000, 4000)
-OPEN_LOOP_SECONDS = 4
 LOG = Path(tempfile.gettempdir()) / "greenflask-bench.log"
 FLOOR_APP = "bench.floor_wsgi:application"
 ORIGINAL_POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10", "DB_POOL_TIMEOUT": "30"}
@@ -270,25 +268,7 @@ def client_capacity(url: str) -> dict:
             runs["wrk -t2 -c64"].append(wrk(base_url + "/todos")["rps"])
             runs["wrk -t1 -c64"].append(wrk(base_url + "/todos", threads=1)["rps"])
             runs["loadtest.py -c 64"].append(loadtest_closed_loop(base_url))
-        schedule = open_loop_capacity(base_url)
-    return {"closed": {name: statistics.median(values) for name, values in runs.items()}, "open": schedule}
-
-
-def open_loop_capacity(base_url: str) -> list[dict]:
-    """`loadtest.py --rate R` against the floor at rising rates, each run OPEN_LOOP_SECONDS long:
-    the share of late sends (more than 1 ms behind schedule) at each; the highest rate under
-    1 % is what this client can measure on schedule here."""
-    rows = []
-    for rate in OPEN_LOOP_RATES:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, "loadtest.py", "--rate", str(rate), "-d", str(OPEN_LOOP_SECONDS),
-                       "/todos", "--url", base_url, "--json", out.name]
-            subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
-            report = json.loads(Path(out.name).read_text())["reports"][0]
-        rows.append({"rate": rate, "achieved": report["rate_achieved"],
-                     "late": report["late_sends"] / max(report["requests"], 1),
-                     "p99_ms": report["latency_corrected"]["p99"] * 1000})
-    return rows
+    return {"closed": {name: statistics.median(values) for name, values in runs.items()}}
 
 
 def _body(url: str) -> bytes:
@@ -368,12 +348,8 @@ def render(facts, efficiency, original, speed, client) -> str:
     closed = client["closed"]
     for name, rps in closed.items():
         lines.append(f"| {name} | {rps:,.0f} | {closed['loadtest.py -c 64'] / rps:.2f} |")
-    kept = [row["rate"] for row in client["open"] if row["late"] < 0.01]
-    lines += ["", f"Open loop (`loadtest.py --rate R -d {OPEN_LOOP_SECONDS} /todos`, one run per rate): the highest "
-              f"rate kept on schedule (late sends under 1 %) is **{max(kept) if kept else 'none'} req/s**.", "",
-              "| rate asked | achieved | late sends | corrected p99 |", "|---|---|---|---|"]
-    for row in client["open"]:
-        lines.append(f"| {row['rate']:,} | {row['achieved']:,.0f} | {row['late']:.1%} | {row['p99_ms']:.1f} ms |")
+    lines += ["", "The open loop's highest rate on schedule, from 1 and 2 processes beside wrk2: section 7 "
+              "(`make bench-client`)."]
     lines.append("")
     return "\n".join(lines)
 

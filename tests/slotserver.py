@@ -59,9 +59,9 @@ class SlotServer:
     async def _knee(self, request):
         """A server with a known capacity and a real server's kind of noise: a share of its
         answers is slow (0.2 s), 1 % at `knee` requests a second and growing steeply with
-        the rate ((rate / knee)^6: 0.3 % at 0.8 x knee, 3 % at 1.2 x), so that a p99 near the
-        knee comes out above or below 50 ms from one run to the next."""
-        if random.random() < 0.01 * (self._arrival_rate() / self.knee) ** 6:
+        the rate ((rate / knee)^12: 0.5 % at 0.94 x knee, 2 % at 1.06 x), so that a p99 near
+        the knee comes out above or below 50 ms from one run to the next."""
+        if random.random() < 0.01 * (self._arrival_rate() / self.knee) ** 12:
             await asyncio.sleep(0.2)
         return web.json_response({"ok": True})
 
