@@ -198,7 +198,7 @@ class Tools:
             bench_seconds = tuple(float(value) for value in seconds.split(","))
         except ValueError:
             raise SystemExit(f"BENCH_SECONDS={seconds!r}: use seconds separated by commas, e.g. 1,2") from None
-        rates = env_text("BENCH_CLIENT_RATES", "1000,1500,2000,2500,3000,4000")
+        rates = env_text("BENCH_CLIENT_RATES", "500,1000,1500,2000,2500,3000,4000")
         try:
             client_rates = tuple(int(value) for value in rates.split(","))
         except ValueError:

@@ -1,5 +1,5 @@
-"""The client spread over processes: one process keeps an open loop's schedule to about
-1,000-1,500 sends a second (BENCHMARKS.md), so every mode sends from a fleet of P.
+"""The client spread over processes: one process keeps an open loop's schedule only to a
+point (BENCHMARKS.md section 7), so every mode sends from a fleet of P.
 
 Each process has its own event loop and aiohttp session and is handed the same job; once
 every process has said it is ready (its session made), the parent hands out one start on
