@@ -119,7 +119,7 @@ def test_the_search_stops_within_its_time_and_on_ctrl_c(knee_server):
                   "/knee", "--url", knee_server.url)
     took = time.monotonic() - started
     assert bounded.returncode == 0 and "capacity:" in bounded.stdout
-    assert took < 4 + 6, "the bound, plus starting Python"
+    assert took < 4 + 10, "the bound, plus starting Python and its processes on a busy machine"
     # A search that cannot end by itself soon (no knee below 10,000/s, 1 s steps doubling
     # from 50/s), interrupted once its first step is printed, however fast or busy the machine.
     with SlotServer(slots=1000) as fast:
