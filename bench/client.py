@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import seed
-from bench.suite import FLOOR_APP, LOG, ROOT, TOOLS, libpq_dsn, replace_section, server
+from bench.suite import FLOOR_APP, LOG, ROOT, TOOLS, libpq_dsn, publish, server
 from greenflask import embedded, servers
 from greenflask.settings import Settings
 
@@ -104,7 +104,7 @@ def schedule_rows(url: str) -> list[dict]:
     return rows
 
 
-def searches(url: str) -> list[dict]:
+def searches(url: str) -> dict:
     found = []
     with server(["-k", "gevent"], {"DATABASE_URL": url}) as (base_url, _):
         for index in range(TOOLS.bench_client_searches):
@@ -118,7 +118,7 @@ def searches(url: str) -> list[dict]:
         # wrk2 counts its first 10 s as calibration and then starts its histograms anew: 20 s runs.
         checks = [(rate, wrk2(base_url, rate, WRK2_CHECK_SECONDS)) for rate in (knee, round(knee * 1.25))] \
             if knee and wrk2_path() else []
-    return [{"searches": found, "knee": knee, "wrk2": checks}]
+    return {"searches": found, "knee": knee, "wrk2": checks}
 
 
 def highest(rows: list[dict], key: str) -> int | None:
@@ -175,11 +175,8 @@ def main() -> None:
         by_server["Against a static answer (HAProxy `http-request return`): the clients' own limit"] = \
             schedule_rows(base_url)
     print("3/3 five searches ...", flush=True)
-    search = searches(url)[0]
-    text = render(by_server, search)
-    print(text)
-    replace_section(TOOLS.bench_output, SECTION, text)
-    print(f"written to {TOOLS.bench_output}")
+    search = searches(url)
+    publish(SECTION, render(by_server, search))
 
 
 if __name__ == "__main__":

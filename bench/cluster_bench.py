@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.suite import ROOT, TOOLS, WRK_SECONDS, burst_report, replace_section, statuses_text, wrk
+from bench.suite import ROOT, WRK_SECONDS, burst_report, publish, statuses_text, wrk
 from deploy import cluster
 from loadtester import output
 from loadtester.report import Report
@@ -168,10 +168,7 @@ def main() -> None:
     finally:
         subprocess.run([sys.executable, "-m", "greenflask.embedded", "stop"], cwd=ROOT, env=env, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
-    section = render(limits, speed, waves)
-    print(section)
-    replace_section(TOOLS.bench_output, SECTION, section)
-    print(f"written to {TOOLS.bench_output}")
+    publish(SECTION, render(limits, speed, waves))
 
 
 if __name__ == "__main__":

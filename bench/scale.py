@@ -19,7 +19,7 @@ import time
 
 import psutil
 
-from bench.suite import FLOOR_APP, RUNS, TOOLS, libpq_dsn, replace_section, server, server_processes
+from bench.suite import FLOOR_APP, RUNS, libpq_dsn, publish, server, server_processes
 from greenflask import embedded, limits
 from greenflask.settings import Server, Settings
 from loadtester import burst, output, walls
@@ -174,10 +174,7 @@ def main() -> None:
             rows += rows_for(workers, count, url)
     print("6. gunicorn's defaults, N = 3,000 ...", flush=True)
     defaults = [row for row in rows_for(1, 3000, url, GUNICORN_DEFAULTS, floor=False) if row["route"] == "python"]
-    section = render(rows, defaults)
-    print(section)
-    replace_section(TOOLS.bench_output, SECTION, section)
-    print(f"written to {TOOLS.bench_output}")
+    publish(SECTION, render(rows, defaults))
 
 
 if __name__ == "__main__":

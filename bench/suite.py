@@ -293,6 +293,13 @@ def replace_section(target: Path, heading: str, text: str) -> None:
     target.write_text(existing)
 
 
+def publish(heading: str, text: str) -> None:
+    """Print a benchmark's section and write it into BENCHMARKS.md (BENCH_OUTPUT)."""
+    print(text)
+    replace_section(TOOLS.bench_output, heading, text)
+    print(f"written to {TOOLS.bench_output}")
+
+
 def machine_facts(url: str) -> list[str]:
     engine = embedded.script_engine(url)
     with engine.connect() as conn:
