@@ -4,12 +4,14 @@
 `read_session()` and `write_session()` open the request's session on first use (flaskr's
 `get_db`); `close_session()` closes it on every path (flaskr's `close_db`). `read()` runs a
 read-only query, once more on a new connection if the first met a dead one, and
-`check_reachable()` is /healthz. The engines, their pools and the wait callback are made
+`check_reachable()` is /healthz, and `flask --app app expire-idempotency-keys` the command
+an operator schedules to delete old keys. The engines, their pools and the wait callback are made
 per process, after fork, in `greenflask/engine.py`.
 """
 
 import logging
 
+import click
 from flask import Flask, current_app, g
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -31,6 +33,7 @@ HEALTHY_WINDOW_SECONDS = 3
 def init_app(app: Flask, app_settings: Settings) -> None:
     app.extensions[EXTENSION_KEY] = Engines(app_settings)
     app.teardown_appcontext(close_session)
+    app.cli.add_command(expire_idempotency_keys_command)
 
 
 def engines(app: Flask | None = None) -> Engines:
@@ -116,3 +119,24 @@ def close_session(error: BaseException | None = None) -> None:
     except Exception:  # a broken connection must not turn the answer into a 500
         log.warning("closing the session failed; its connection was discarded", exc_info=True)
     metrics.POOL_CHECKED_OUT.set(engines().primary.pool.checkedout())
+
+
+@click.command("expire-idempotency-keys")
+@click.option("--batch", default=1000, show_default=True, type=click.IntRange(1, 100_000),
+              help="Keys deleted per transaction.")
+def expire_idempotency_keys_command(batch: int) -> None:
+    """Delete Idempotency-Keys older than IDEMPOTENCY_KEY_HOURS, a small batch per transaction.
+
+    Schedule it (a systemd timer or cron, hourly); docs/operations.md has the unit. A key
+    sent again after it expired makes a new todo.
+    """
+    hours = settings.current().idempotency_key_hours
+    total = 0
+    while True:
+        with Session(engines().primary) as session:
+            deleted = models.expire_idempotency_keys(session, hours, batch)
+            session.commit()
+        total += deleted
+        if deleted < batch:
+            break
+    click.echo(f"deleted {total} idempotency keys older than {hours:g} h")

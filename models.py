@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Identity,
+    Index,
     Integer,
     MetaData,
     String,
@@ -58,6 +59,7 @@ idempotency_keys = Table(
     Column("status", Integer),
     Column("body", Text),  # the answer's bytes as sent, so a replay is the same answer
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
 
@@ -144,3 +146,22 @@ def pg_sleep(session: Session, seconds: float) -> None:
 
 def ping(session: Session) -> None:
     session.connection().exec_driver_sql("SELECT 1")
+
+
+def expire_idempotency_keys(session: Session, older_than_hours: float, batch: int) -> int:
+    """Delete up to `batch` keys stored more than `older_than_hours` ago; return how many.
+
+    The oldest first, by the created_at index. `FOR UPDATE SKIP LOCKED` passes over a key a
+    request holds right now, so the deletion never waits for a write and no write waits for
+    it longer than one small batch's transaction.
+    """
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_hours * 3600)
+    expired = (
+        select(idempotency_keys.c.key)
+        .where(idempotency_keys.c.created_at < cutoff)
+        .order_by(idempotency_keys.c.created_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    deleted = session.execute(delete(idempotency_keys).where(idempotency_keys.c.key.in_(expired.scalar_subquery())))
+    return deleted.rowcount

@@ -1,12 +1,16 @@
-"""Create the schema and the original demo's todos: `python seed.py [--reset] [--count N]`.
+"""Migrate the schema and ensure the original demo's todos: `python seed.py [--reset] [--count N]`.
 
-The seed todos have fixed ids 1..N, so running it twice leaves N rows, not 2N.
+The schema comes from Alembic's migrations (`alembic upgrade head`, migrations/). The seed
+todos have fixed ids 1..N, so running it twice leaves N rows, not 2N.
 """
 
 import sys
+from pathlib import Path
 
 import click
-from sqlalchemy import func, select, text
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -15,7 +19,10 @@ from sqlalchemy.orm import Session
 from greenflask import embedded
 from greenflask.logs import first_line
 from greenflask.settings import Settings
-from models import metadata, todos
+from models import todos
+
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
+BASELINE = "0001"
 
 
 def original_todos(count: int) -> list[dict]:
@@ -26,12 +33,34 @@ def original_todos(count: int) -> list[dict]:
     ]
 
 
+def alembic_config(connection=None) -> Config:
+    """alembic.ini's settings; with `connection`, migrations/env.py runs on it."""
+    config = Config(ALEMBIC_INI)
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """`alembic upgrade <revision>` on `engine`'s database.
+
+    A database that `create_all` made before there were migrations (it has `todos` and no
+    `alembic_version`) is stamped at the baseline first, so it is adopted, not rebuilt.
+    """
+    with engine.connect() as connection:
+        tables = inspect(connection).get_table_names()
+        if "todos" in tables and "alembic_version" not in tables:
+            command.stamp(alembic_config(connection), BASELINE)
+        command.upgrade(alembic_config(connection), revision)
+        connection.commit()
+
+
 def seed(engine: Engine, count: int = 50, reset: bool = False) -> int:
-    """Make sure the schema and the first `count` seed todos exist; return rows inserted."""
-    if reset:
-        metadata.drop_all(engine)
-    metadata.create_all(engine)
+    """Migrate the schema to the newest revision and make sure the first `count` seed todos
+    exist; return rows inserted. `reset` empties the tables first."""
+    migrate(engine)
     with Session(engine) as session:
+        if reset:
+            session.execute(text("TRUNCATE todos, idempotency_keys RESTART IDENTITY"))
         statement = insert(todos).values(original_todos(count)).on_conflict_do_nothing(index_elements=["id"])
         inserted = session.execute(statement).rowcount if count else 0
         # Explicit ids do not advance the identity sequence; move it past them.
@@ -55,10 +84,10 @@ def set_statement_timeout(engine: Engine, milliseconds: int) -> str:
 
 
 @click.command()
-@click.option("--reset", is_flag=True, help="Drop and recreate the todos table first.")
+@click.option("--reset", is_flag=True, help="Empty the tables (todos and idempotency keys) first.")
 @click.option("--count", default=50, show_default=True, type=click.IntRange(0, 100_000), help="Seed todos to ensure.")
 def main(reset: bool, count: int) -> None:
-    """Create the todos table if missing and make sure the seed todos exist."""
+    """Migrate the schema (alembic upgrade head) and make sure the seed todos exist."""
     settings = Settings.from_env()
     try:
         url = embedded.database_url(settings)

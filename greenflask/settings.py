@@ -93,6 +93,7 @@ class Settings:
     host_name: str
     embedded_pgdata: Path
     embedded_max_connections: int
+    idempotency_key_hours: float
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -132,6 +133,8 @@ class Settings:
             embedded_pgdata=Path(env_text("EMBEDDED_PGDATA") or PROJECT_DIR / ".pgdata"),
             # Room for 4 workers at the default pool (4 x 100) plus the tests' own servers.
             embedded_max_connections=env_number("EMBEDDED_MAX_CONNECTIONS", 500, minimum=10),
+            # `flask --app app expire-idempotency-keys` deletes keys older than this.
+            idempotency_key_hours=env_number("IDEMPOTENCY_KEY_HOURS", 24.0, float),
         )
 
     def describe(self) -> str:

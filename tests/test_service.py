@@ -1,11 +1,14 @@
 """The service: modes, routes, sessions and pool, failure answers, --preload."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
-from conftest import assert_error, burst, busy_connections, request, send_many
+from conftest import ROOT, assert_error, burst, busy_connections, request, send_many
 from sqlalchemy import text
 
 SLEEP_ROUTES = ["/sleep/python/", "/sleep/postgres/"]
@@ -185,3 +188,39 @@ def test_a_create_sent_again_with_its_idempotency_key_makes_one_row(green_server
     assert_error(other_fields, 422, "idempotency_key_reused")
     assert_error(bad_key, 400, "bad_request")
     figure(f"Idempotency-Key: 10 concurrent POSTs and 1 later with one key -> 11 x 201, one body, {rows} row")
+
+
+def expire_keys(database_url: str, hours: str = "24") -> subprocess.CompletedProcess:
+    """`flask --app app expire-idempotency-keys`, as an operator's timer runs it."""
+    env = {**os.environ, "DATABASE_URL": database_url, "IDEMPOTENCY_KEY_HOURS": hours}
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "expire-idempotency-keys", "--batch", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_expired_idempotency_keys_are_deleted_and_a_replay_then_makes_a_new_row(green_server, engine, database_url):
+    """Keys older than IDEMPOTENCY_KEY_HOURS go, in batches (here of 2); a younger one and one
+    a request holds right now (FOR UPDATE SKIP LOCKED) stay; a key sent again after it
+    expired makes a second todo."""
+    url = green_server.url("/todos")
+    keys = [f"expire-{uuid.uuid4()}" for _ in range(5)]
+    first = [request(url, "POST", {"title": f"expiring {i}"}, headers={"Idempotency-Key": key})
+             for i, key in enumerate(keys)]
+    assert [answer.status for answer in first] == [201] * 5
+    with engine.begin() as conn:  # the first four were stored 25 hours ago
+        conn.execute(text("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = ANY(:k)"),
+                     {"k": keys[:4]})
+    with engine.connect() as holder:  # a request holding the fourth
+        holder.execute(text("SELECT 1 FROM idempotency_keys WHERE key = :k FOR UPDATE"), {"k": keys[3]})
+        done = expire_keys(database_url)
+        holder.rollback()
+    with engine.connect() as conn:
+        left = set(conn.scalars(text("SELECT key FROM idempotency_keys WHERE key = ANY(:k)"), {"k": keys}))
+    again = request(url, "POST", {"title": "expiring 0"}, headers={"Idempotency-Key": keys[0]})
+    kept = request(url, "POST", {"title": "expiring 4"}, headers={"Idempotency-Key": keys[4]})
+
+    assert done.returncode == 0, done.stderr
+    assert "deleted 3 idempotency keys older than 24 h" in done.stdout
+    assert left == {keys[3], keys[4]}
+    assert again.status == 201 and "idempotent-replayed" not in again.headers
+    assert again.json()["id"] != first[0].json()["id"]
+    assert kept.headers["idempotent-replayed"] == "true" and kept.json()["id"] == first[4].json()["id"]
