@@ -48,8 +48,14 @@ def _api_error(error: ApiError):
 
 
 def _http_error(error: HTTPException):
+    """Werkzeug's own errors (404, 405, 413, 415, malformed JSON's 400) in the JSON shape,
+    keeping their headers: a 405 names the methods it allows (RFC 9110, 15.5.6)."""
     code = (error.name or "error").lower().replace(" ", "_")
-    return error_response(error.code or 500, code, error.description or error.name)
+    response = error_response(error.code or 500, code, error.description or error.name)
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _pool_timeout(error: sa_exc.TimeoutError):

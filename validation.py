@@ -1,6 +1,7 @@
 """Turn query strings and JSON bodies into checked values, or raise a 400 ApiError."""
 
 import math
+import re
 
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -13,7 +14,9 @@ DEFAULT_PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1000
 INT_MAX = 2**31 - 1
 TODO_FIELDS = {"title", "done", "priority"}
-_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+_BOOLEANS = {"true": True, "false": False}
+# A JSON number, in ASCII: float() alone would also take "1_0", " 5", "nan" and "٥".
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
 def bad_request(message: str) -> ApiError:
@@ -21,14 +24,14 @@ def bad_request(message: str) -> ApiError:
 
 
 def sleep_seconds(args, maximum: float) -> float:
-    """`?seconds=S`: a finite number from 0 to `maximum`; 5 when absent, as in the original."""
+    """`?seconds=S`: a number from 0 to `maximum`; 5 when absent, as in the original (or
+    `maximum` when that is lower)."""
     raw = args.get("seconds")
     if raw is None:
-        return DEFAULT_SLEEP_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise bad_request("seconds must be a number") from None
+        return min(DEFAULT_SLEEP_SECONDS, maximum)
+    if not _NUMBER.fullmatch(raw):
+        raise bad_request("seconds must be a number")
+    seconds = float(raw)
     if not math.isfinite(seconds) or not 0 <= seconds <= maximum:
         raise bad_request(f"seconds must be a finite number from 0 to {maximum:g}")
     return seconds
@@ -38,7 +41,7 @@ def _int_arg(args, name: str, default: int, low: int, high: int) -> int:
     raw = args.get(name)
     if raw is None:
         return default
-    if not raw.isdecimal() or len(raw) > 9 or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(high)) or not low <= int(raw) <= high:
         raise bad_request(f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
@@ -48,15 +51,9 @@ def page(args) -> tuple[int, int, bool | None]:
     limit = _int_arg(args, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
     offset = _int_arg(args, "offset", 0, 0, 10**9)
     raw_done = args.get("done")
-    if raw_done is None:
-        done = None
-    elif raw_done.lower() in _TRUE:
-        done = True
-    elif raw_done.lower() in _FALSE:
-        done = False
-    else:
+    if raw_done is not None and raw_done not in _BOOLEANS:
         raise bad_request("done must be true or false")
-    return limit, offset, done
+    return limit, offset, _BOOLEANS.get(raw_done)
 
 
 def todo_id(value: int) -> int:
@@ -127,8 +124,12 @@ def todo_fields(body: dict, partial: bool) -> dict:
         raise bad_request("done must be true or false")
     if "priority" in body:
         priority = body["priority"]
+        # JSON has one number type: 3.0 is the integer 3 (JSON Schema's "integer" says so too).
+        if isinstance(priority, float) and priority.is_integer():
+            priority = int(priority)
         if isinstance(priority, bool) or not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
             raise bad_request(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
+        return {**body, "priority": priority}
     return dict(body)
 
 

@@ -1,10 +1,15 @@
-"""The routes, in one Blueprint: the original demo's two sleeps, the todos, health and stats."""
+"""The routes, in one Blueprint: the original demo's two sleeps, the todos, health and stats.
+The public ones are described in openapi.yaml, served at /openapi.json."""
 
+import copy
+import functools
 import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
+import yaml
 from flask import Blueprint, jsonify, request, url_for
 
 import db
@@ -42,7 +47,8 @@ def list_todos():
 @bp.post("/todos")
 def create_todo():
     """201 and the new todo. With `Idempotency-Key`, a request sent again gets the first
-    answer (and `Idempotent-Replayed: true`) instead of a second row."""
+    answer (and `Idempotent-Replayed: true`) instead of a second row; 409 once that todo
+    has been deleted."""
     fields = validation.todo_fields(validation.json_object(request), partial=False)
     key = validation.idempotency_key(request.headers)
     session = db.write_session()
@@ -51,7 +57,13 @@ def create_todo():
         if (first := models.claim_idempotency_key(session, key, fingerprint)) is not None:
             if first["fingerprint"] != fingerprint:
                 raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was sent with other fields")
-            response = _created(json.loads(first["body"]))
+            made = json.loads(first["body"])
+            if models.get_todo(session, made["id"]) is None:
+                # The first answer would point at a todo that is no more; making another
+                # would do twice what the key was sent to do once.
+                raise ApiError(409, "idempotency_key_spent",
+                               f"this Idempotency-Key made todo {made['id']}, which has since been deleted")
+            response = _created(made)
             response.headers["Idempotent-Replayed"] = "true"
             return response
     response = _created(models.create_todo(session, fields))
@@ -120,6 +132,22 @@ def prometheus_metrics():
     """Prometheus text format, summed over every live worker (greenflask/metrics.py)."""
     body, content_type = metrics.exposition(settings.current().metrics_dir)
     return body, 200, {"Content-Type": content_type}
+
+
+OPENAPI_FILE = Path(__file__).resolve().parent / "openapi.yaml"
+
+
+@functools.cache
+def _openapi_document() -> dict:
+    return yaml.safe_load(OPENAPI_FILE.read_text())
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """openapi.yaml as JSON, with this server's SLEEP_MAX_SECONDS as the sleeps' maximum."""
+    document = copy.deepcopy(_openapi_document())
+    document["components"]["parameters"]["seconds"]["schema"]["maximum"] = settings.current().sleep_max_seconds
+    return jsonify(document)
 
 
 def _found(value):

@@ -62,6 +62,12 @@ MALFORMED = [
     ("GET", "/todos?limit=1e3", None, {}),
     ("GET", "/todos?offset=abc", None, {}),
     ("GET", "/todos?done=maybe", None, {}),
+    # What schemathesis found int() and float() would take: non-ASCII digits, "1_0", "yes".
+    ("GET", "/todos?limit=%D9%A3", None, {}),
+    ("GET", "/todos?done=1", None, {}),
+    ("GET", "/todos?done=yes", None, {}),
+    ("GET", "/sleep/python/?seconds=1_0", None, {}),
+    ("GET", "/sleep/python/?seconds=%205", None, {}),
     ("GET", "/todos?done=1%27%20OR%20%271%27=%271", None, {}),
     ("GET", "/sleep/postgres/?seconds=1;SELECT%201", None, {}),
     ("GET", "/sleep/postgres/?seconds=NaN", None, {}),

@@ -224,3 +224,24 @@ def test_expired_idempotency_keys_are_deleted_and_a_replay_then_makes_a_new_row(
     assert again.status == 201 and "idempotent-replayed" not in again.headers
     assert again.json()["id"] != first[0].json()["id"]
     assert kept.headers["idempotent-replayed"] == "true" and kept.json()["id"] == first[4].json()["id"]
+
+
+def test_what_schemathesis_found_is_fixed(green_server):
+    """A priority of 3.0 is the integer 3; the largest offset the document allows answers;
+    a key replayed after its todo was deleted answers 409, not a 201 pointing at nothing;
+    a 405 names what is allowed."""
+    url = green_server.url("/todos")
+    made = request(url, "POST", {"title": "three", "priority": 3.0})
+    far = request(url + "?offset=1000000000&limit=1")
+    key = f"spent-{uuid.uuid4()}"
+    first = request(url, "POST", {"title": "soon gone"}, headers={"Idempotency-Key": key})
+    deleted = request(green_server.url(f"/todos/{first.json()['id']}"), "DELETE")
+    replay = request(url, "POST", {"title": "soon gone"}, headers={"Idempotency-Key": key})
+    wrong_method = request(url, "PUT", {"title": "x"})
+
+    assert made.status == 201 and made.json()["priority"] == 3 and b'"priority":3}' in made.body
+    assert far.status == 200 and far.json()["todos"] == []
+    assert deleted.status == 204
+    assert_error(replay, 409, "idempotency_key_spent")
+    assert_error(wrong_method, 405)
+    assert set(wrong_method.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST", "HEAD", "OPTIONS"}
