@@ -32,6 +32,9 @@ from sqlalchemy.orm import Session
 TITLE_MAX_LENGTH = 60
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 PRIORITY_MIN, PRIORITY_MAX = 0, 9
+# due_at's years as a client writes them (validation.py); the table's constraint is a day
+# wider each side, for the offsets, and keeps every stored value one a Python datetime holds.
+DUE_AT_FIRST_YEAR, DUE_AT_LAST_YEAR = 1970, 9998
 
 metadata = MetaData()
 
@@ -42,8 +45,11 @@ todos = Table(
     Column("title", String(TITLE_MAX_LENGTH), nullable=False),
     Column("done", Boolean, nullable=False, server_default="false"),
     Column("priority", Integer, nullable=False, server_default="0"),
+    # Added by migration 0003 (expand -> deploy -> contract: docs/operations.md).
+    Column("due_at", DateTime(timezone=True)),
     CheckConstraint(f"char_length(title) BETWEEN 1 AND {TITLE_MAX_LENGTH}", name="title_length"),
     CheckConstraint(f"priority BETWEEN {PRIORITY_MIN} AND {PRIORITY_MAX}", name="priority_range"),
+    CheckConstraint("due_at >= '1969-12-30 00:00+00' AND due_at < '9999-01-03 00:00+00'", name="due_at_range"),
 )
 
 # `Idempotency-Key` on POST /todos: the first answer to a key, stored in the transaction

@@ -2,21 +2,33 @@
 
 import math
 import re
+from datetime import UTC, datetime
 
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from errors import ApiError, not_found
-from models import IDEMPOTENCY_KEY_MAX_LENGTH, PRIORITY_MAX, PRIORITY_MIN, TITLE_MAX_LENGTH
+from models import (
+    DUE_AT_FIRST_YEAR,
+    DUE_AT_LAST_YEAR,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    TITLE_MAX_LENGTH,
+)
 
 DEFAULT_SLEEP_SECONDS = 5.0
 DEFAULT_PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1000
 INT_MAX = 2**31 - 1
-TODO_FIELDS = {"title", "done", "priority"}
+TODO_FIELDS = {"title", "done", "priority", "due_at"}
 _BOOLEANS = {"true": True, "false": False}
 # A JSON number, in ASCII: float() alone would also take "1_0", " 5", "nan" and "٥".
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+# RFC 3339's date-time (JSON Schema's format "date-time"): an offset always, ASCII digits.
+_DATE_TIME = re.compile(
+    r"([0-9]{4})-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def bad_request(message: str) -> ApiError:
@@ -105,7 +117,8 @@ def idempotency_key(headers) -> str | None:
 
 
 def todo_fields(body: dict, partial: bool) -> dict:
-    """Check a todo body: title 1-60 chars, done a boolean, priority an integer 0-9.
+    """Check a todo body: title 1-60 chars, done a boolean, priority an integer 0-9, due_at
+    an RFC 3339 date-time (years 1970-9998) or null.
 
     For POST (partial=False) title is required; for PATCH at least one field is.
     """
@@ -115,7 +128,7 @@ def todo_fields(body: dict, partial: bool) -> dict:
     if not partial and "title" not in body:
         raise bad_request("title is required")
     if partial and not body:
-        raise bad_request("send at least one of title, done, priority")
+        raise bad_request("send at least one of title, done, priority, due_at")
     if "title" in body:
         title = body["title"]
         if not isinstance(title, str) or not 1 <= len(title) <= TITLE_MAX_LENGTH or not _storable(title):
@@ -129,8 +142,23 @@ def todo_fields(body: dict, partial: bool) -> dict:
             priority = int(priority)
         if isinstance(priority, bool) or not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
             raise bad_request(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
-        return {**body, "priority": priority}
+        body = {**body, "priority": priority}
+    if "due_at" in body and body["due_at"] is not None:
+        body = {**body, "due_at": _date_time(body["due_at"])}
     return dict(body)
+
+
+def _date_time(value) -> datetime:
+    due = (f"due_at must be null or an RFC 3339 date-time with an offset, "
+           f"years {DUE_AT_FIRST_YEAR} to {DUE_AT_LAST_YEAR}")
+    match = _DATE_TIME.fullmatch(value) if isinstance(value, str) else None
+    if not match or not DUE_AT_FIRST_YEAR <= int(match.group(1)) <= DUE_AT_LAST_YEAR:
+        raise bad_request(due)
+    try:
+        # In UTC: RFC 3339 allows offsets to 23:59, PostgreSQL takes them only to 15:59.
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:  # a day, an hour or an offset out of range (leap seconds included)
+        raise bad_request(due) from None
 
 
 def _storable(text: str) -> bool:

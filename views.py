@@ -53,7 +53,7 @@ def create_todo():
     key = validation.idempotency_key(request.headers)
     session = db.write_session()
     if key is not None:
-        fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
         if (first := models.claim_idempotency_key(session, key, fingerprint)) is not None:
             if first["fingerprint"] != fingerprint:
                 raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was sent with other fields")

@@ -5,7 +5,8 @@
     python -m deploy.cluster status [--json]
     python -m deploy.cluster link host2 down|up     # cut a host (or, with --ha, a node) from its network
     python -m deploy.cluster restart postgres|pgbouncer
-    python -m deploy.cluster rollout [--hosts host1,host2]   # a new gunicorn per host, dropping nothing
+    python -m deploy.cluster rollout [--hosts host1,host2] [--release DIR]   # migrate, then a new gunicorn per host
+    python -m deploy.cluster migrate [--release DIR] [--revision REV]        # alembic upgrade on the primary
     python -m deploy.cluster kill db1 | start db1 | switchover [--to db2]   # with --ha
     python -m deploy.cluster down
 
@@ -80,7 +81,7 @@ from deploy.runtime import (
     state_path,
     wait_for,
 )
-from greenflask import embedded, green, servers, sizing
+from greenflask import PROJECT_DIR, embedded, green, servers, sizing
 from greenflask.settings import Settings
 
 APP_PORT = 8000
@@ -104,14 +105,43 @@ def start_postgres(state: dict) -> URL:
     return url
 
 
-def seed(database_url: URL, pgbouncer: bool) -> None:
-    """`python seed.py` straight to PostgreSQL; with PgBouncer it also makes
-    DB_STATEMENT_TIMEOUT the database's own setting (the hosts cannot send it)."""
-    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False),
-           "DB_PGBOUNCER": "1" if pgbouncer else "0"}
-    done = subprocess.run([sys.executable, "seed.py"], cwd=DEPLOY_DIR.parent, env=env, capture_output=True, text=True)
+def seed(release: Path, database_url: URL, pgbouncer: bool) -> None:
+    """The release's `python seed.py` straight to PostgreSQL: its migrations, its seed rows;
+    with PgBouncer it also makes DB_STATEMENT_TIMEOUT the database's own setting (the hosts
+    cannot send it)."""
+    run_in_release(release, [sys.executable, "seed.py"], database_url, {"DB_PGBOUNCER": "1" if pgbouncer else "0"})
+
+
+def run_in_release(release: Path, command: list[str], database_url: URL, env: dict | None = None) -> str:
+    """`command` in the release's folder with DATABASE_URL set; its output (stderr first)."""
+    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False), **(env or {})}
+    done = subprocess.run(command, cwd=release, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise click.ClickException(f"seed.py failed: {done.stderr.strip()}")
+        raise click.ClickException(f"{' '.join(command[1:])} failed in {release}: {done.stderr.strip()[-2000:]}")
+    return done.stderr + done.stdout
+
+
+def schema_url(state: dict) -> URL:
+    """Where migrations go: straight to PostgreSQL (with --ha, the primary through the
+    database side's HAProxy), never through PgBouncer (migrations/env.py says why). Made
+    again from the state's parts: the state file holds no password."""
+    if state.get("ha"):
+        return ha.superuser_url(state, Credentials(CLUSTER_DIR)).set(database=embedded.DATABASE)
+    if state["postgres"]["embedded"]:
+        return make_url(embedded.ensure_database(embedded.start(), embedded.DATABASE))
+    if given := Settings.from_env().database_url:
+        return make_url(given)
+    raise click.ClickException("the cluster's PostgreSQL is DATABASE_URL's: set it again to migrate")
+
+
+def migrate_schema(state: dict, release: Path, revision: str = "head") -> None:
+    """`alembic upgrade REVISION` of the release's migrations on the cluster's database."""
+    started = time.monotonic()
+    output = run_in_release(release, [sys.executable, "-m", "alembic", "upgrade", revision], schema_url(state))
+    steps = [line.split("Running upgrade ", 1)[1].split(",")[0] for line in output.splitlines()
+             if "Running upgrade " in line]
+    click.echo(f"schema: alembic upgrade {revision} from {release}: {', '.join(steps) or 'already there'} "
+               f"in {time.monotonic() - started:.2f} s")
 
 
 def start_replica(state: dict, primary: URL) -> URL:
@@ -295,7 +325,7 @@ def start_host(state: dict, network: Network, number: int, workers: int, databas
     command = servers.gunicorn_command(f"{address}:{APP_PORT}", ["-k", "gevent", "-w", str(workers)])
     if network.namespaces:
         command = ["ip", "netns", "exec", network.namespace(number), *command]  # exec: same PID
-    host = {"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": None,
+    host = {"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": None, "release": state["release"],
             "namespace": network.namespace(number) if network.namespaces else None,
             "metrics_dir": str(metrics_dir), "command": command, "env": env}
     state["hosts"].append(host)
@@ -304,8 +334,9 @@ def start_host(state: dict, network: Network, number: int, workers: int, databas
 
 def run_host(state: dict, host: dict) -> None:
     """Start the host's gunicorn with its recorded command and the cluster's part of its
-    environment; the rest of the environment (DB_* settings, code) is this process's now."""
-    host["gunicorn_pid"] = spawn(host["command"], f"{host['name']}.log", host["env"])
+    environment, in its release's folder (the code it runs); the rest of the environment
+    (DB_* settings) is this process's now."""
+    host["gunicorn_pid"] = spawn(host["command"], f"{host['name']}.log", host["env"], cwd=Path(host["release"]))
     save_state(state)
 
 
@@ -443,6 +474,12 @@ def haproxy_server_states(admin_socket: str, backend: str = "app_hosts") -> dict
 # --- commands ------------------------------------------------------------------------
 
 
+RELEASE_OPTION = click.option(
+    "--release", default=str(PROJECT_DIR), show_default="this checkout",
+    type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
+    help="The folder of the app's code the hosts run (and whose seed.py and migrations/ apply).")
+
+
 @click.group()
 def cli() -> None:
     """A multi-host deployment of the app on this machine (see the module's docstring)."""
@@ -463,8 +500,9 @@ def cli() -> None:
               help="PostgreSQL run by Patroni on --db-nodes nodes (etcd, synchronous replication, failover), "
                    "behind HAProxy; reads from the replicas.")
 @click.option("--db-nodes", default=3, show_default=True, type=click.IntRange(2, 5), help="With --ha: nodes.")
+@RELEASE_OPTION
 def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, monitoring: bool,
-       replica: bool, ha_nodes: bool, db_nodes: int) -> None:
+       replica: bool, ha_nodes: bool, db_nodes: int, release: Path) -> None:
     """Start PostgreSQL, PgBouncer, the app hosts and HAProxy (and Prometheus); print the balancer's URL last."""
     if load_state():
         raise click.ClickException(f"a cluster is already up ({state_path()}): python -m deploy.cluster down")
@@ -492,7 +530,7 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
         click.echo(f"network: removed what a cluster killed before `down` left: {', '.join(removed)}")
     state = {"net": network.net, "namespaces": network.namespaces, "hosts": [], "planned_hosts": hosts,
              "planned_db_nodes": db_nodes, "ha": None, "passfile": None, "postgres": None, "replica": None,
-             "pgbouncer": None, "haproxy": None, "prometheus": None}
+             "pgbouncer": None, "haproxy": None, "prometheus": None, "release": str(release)}
     save_state(state)
     try:
         _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes)
@@ -537,7 +575,7 @@ def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int
         click.echo(f"PostgreSQL: {state['postgres']['url']}")
         if not direct:
             credentials.make_certificates(files, tls_names, run_as_user(database_url))
-    seed(database_url, pgbouncer=not direct)
+    seed(Path(state["release"]), database_url, pgbouncer=not direct)
     if replica:
         replica_url = start_replica(state, database_url)
         click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
@@ -586,7 +624,8 @@ def status(as_json: bool) -> None:
     report = {
         "passfile": state.get("passfile"),
         "hosts": [{"name": host["name"], "address": host["address"], "gunicorn_pid": host["gunicorn_pid"],
-                   "healthy": host_is_healthy(host), "haproxy": states.get(host["name"])} for host in state["hosts"]],
+                   "healthy": host_is_healthy(host), "haproxy": states.get(host["name"]),
+                   "release": host.get("release")} for host in state["hosts"]],
         "pgbouncer": _with_alive(state.get("pgbouncer")),
         "haproxy": _with_alive(state.get("haproxy")),
         "prometheus": _with_alive(state.get("prometheus")),
@@ -600,7 +639,8 @@ def status(as_json: bool) -> None:
         return
     for host in report["hosts"]:
         click.echo(f"{host['name']:8} {host['address']:12} pid {host['gunicorn_pid']:<8} "
-                   f"{'healthy' if host['healthy'] else 'NOT healthy'}, HAProxy: {host['haproxy']}")
+                   f"{'healthy' if host['healthy'] else 'NOT healthy'}, HAProxy: {host['haproxy']}, "
+                   f"release {host['release']}")
     for node in report.get("db_nodes", []):
         click.echo(f"{node['name']:8} {node['address']:12} postgres pid {node['postgres_pid']}: {node['role']} "
                    f"({node['state']}), lag {node['lag']}")
@@ -727,22 +767,32 @@ def longest_request_seconds() -> float:
 @click.option("--hosts", "names", help="Comma-separated host names, in order [every host].")
 @click.option("--drain-margin", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds past the longest allowed request to wait for a host's requests to end.")
-def rollout(names: str | None, drain_margin: float) -> None:
-    """Replace each host's gunicorn with a new one from the working tree, one host at a time,
-    dropping no request: drain it in HAProxy, wait until its requests end, take it to
-    maintenance, stop the old master gracefully, start the new one, wait until /healthz
-    answers, put it back and wait until HAProxy sees it UP. Stops with exit 1 at the first
-    host that does not come back (the others keep serving; that host stays out of rotation)."""
+@RELEASE_OPTION
+@click.option("--migrate/--no-migrate", default=True, show_default=True,
+              help="First apply the release's migrations (alembic upgrade head), while the old hosts serve.")
+def rollout(names: str | None, drain_margin: float, release: Path, migrate: bool) -> None:
+    """Replace each host's gunicorn with a new one of --release, one host at a time, dropping
+    no request: drain it in HAProxy, wait until its requests end, take it to maintenance,
+    stop the old master gracefully, start the new one, wait until /healthz answers, put it
+    back and wait until HAProxy sees it UP. Stops with exit 1 at the first host that does
+    not come back (the others keep serving; that host stays out of rotation).
+
+    The release's migrations run first, with the old release still serving: so they must
+    be ones the old code works with (expand -> deploy -> contract, docs/operations.md)."""
     state = load_state()
     if state is None or not state.get("haproxy"):
         raise click.ClickException("no cluster is up")
+    if migrate:
+        migrate_schema(state, release)
     hosts = {host["name"]: host for host in state["hosts"]}
     chosen = [name.strip() for name in names.split(",")] if names else list(hosts)
     if unknown := [name for name in chosen if name not in hosts]:
         raise click.ClickException(f"no host {', '.join(unknown)}: {', '.join(hosts)}")
     admin = state["haproxy"]["admin_socket"]
     bound = longest_request_seconds() + drain_margin
+    state["release"] = str(release)
     for name in chosen:
+        hosts[name]["release"] = str(release)
         _replace_host(state, hosts[name], admin, bound)
 
 
@@ -780,6 +830,18 @@ def _replace_host(state: dict, host: dict, admin: str, bound: float) -> None:
     note = f", {left} request(s) still running at the {bound:.0f} s bound" if left else ""
     click.echo(f"{name}: drained in {drained:.2f} s{note}; replaced (pid {old_pid} -> {host['gunicorn_pid']}) and "
                f"back in rotation in {replaced:.2f} s")
+
+
+@cli.command()
+@RELEASE_OPTION
+@click.option("--revision", default="head", show_default=True, help="The revision to upgrade to.")
+def migrate(release: Path, revision: str) -> None:
+    """Apply the release's migrations to the cluster's database (alembic upgrade), straight
+    to PostgreSQL, with --ha to the primary: a contract step after a rollout, say."""
+    state = load_state()
+    if state is None or not state.get("postgres") and not state.get("ha"):
+        raise click.ClickException("no cluster is up")
+    migrate_schema(state, release, revision)
 
 
 @cli.command()

@@ -104,12 +104,18 @@ def start(state: dict, network: Network, count: int, files: Credentials) -> URL:
         state["ha"]["nodes"].append(node)
         run_node(state, node)
     start_haproxy(state)
-    url = URL.create("postgresql", username="postgres", host="127.0.0.1", port=state["ha"]["primary_port"],
-                     database="postgres",
-                     query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert),
-                            "passfile": str(files.superuser_passfile)})
+    url = superuser_url(state, files)
     wait_for(lambda: primary(state) is not None and accepts(url), "a Patroni primary behind HAProxy", within=120)
     return url
+
+
+def superuser_url(state: dict, files: Credentials) -> URL:
+    """The superuser's URL of the `postgres` database on the primary, through HAProxy's
+    primary port: TLS verified against the cluster's CA, the password in its passfile."""
+    return URL.create("postgresql", username="postgres", host="127.0.0.1", port=state["ha"]["primary_port"],
+                      database="postgres",
+                      query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert),
+                             "passfile": str(files.superuser_passfile)})
 
 
 def start_etcd(state: dict, network: Network) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from greenflask import servers
+from greenflask import PROJECT_DIR, servers
 from greenflask.settings import Tools
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -29,10 +29,10 @@ def program(name: str, package: str | None = None) -> str:
 # --- processes -----------------------------------------------------------------------
 
 
-def spawn(command: list[str], log_name: str, env: dict | None = None) -> int:
-    """Start `command` detached, its output in CLUSTER_DIR; return its PID. It outlives this
-    script: `down` stops it by that PID."""
-    return servers.spawn(command, CLUSTER_DIR / log_name, env, detach=True).pid
+def spawn(command: list[str], log_name: str, env: dict | None = None, cwd: Path = PROJECT_DIR) -> int:
+    """Start `command` detached in `cwd`, its output in CLUSTER_DIR; return its PID. It
+    outlives this script: `down` stops it by that PID."""
+    return servers.spawn(command, CLUSTER_DIR / log_name, env, cwd=cwd, detach=True).pid
 
 
 def wait_for(check, what: str, within: float = 30.0) -> None:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -263,6 +264,46 @@ def cluster_up(env: dict, *args: str):
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         prefix = "gf" + env["CLUSTER_NET"].split(".")[1] + "-"
         assert prefix not in namespaces, "down removed the namespaces"
+
+
+WRITES_PER_SECOND = 20
+
+
+def writes(url: str, seconds: float, tag: str, rate: int = WRITES_PER_SECOND) -> list[dict]:
+    """`rate` POSTs a second for `seconds`, each with its own Idempotency-Key and
+    sent again after a 503 (Retry-After) until a 201, for at most 40 s. One record per
+    write: its key, its attempts (sent at, status, error code) and the id it got."""
+    started = time.monotonic()
+
+    async def one(session, number: int) -> dict:
+        await asyncio.sleep(number / rate)
+        key, record = str(uuid.uuid4()), {"attempts": [], "id": None}
+        record["key"] = key
+        while time.monotonic() - started < seconds + 40:
+            sent = time.monotonic() - started
+            try:
+                async with session.post(url + "/todos", json={"title": f"{tag} {number}"},
+                                        headers={"Idempotency-Key": key}) as response:
+                    body = await response.json(content_type=None)
+                    status, retry_after = response.status, float(response.headers.get("Retry-After", 1))
+            except (aiohttp.ClientError, TimeoutError) as error:
+                record["attempts"].append((sent, type(error).__name__, None))
+                await asyncio.sleep(1)
+                continue
+            record["attempts"].append((sent, status, (body.get("error") or {}).get("code")))
+            if status == 201:
+                record["id"] = body["id"]
+                return record
+            if status != 503:
+                return record
+            await asyncio.sleep(retry_after)
+        return record
+
+    async def run():
+        async with client_session(30) as session:
+            return await asyncio.gather(*(one(session, number) for number in range(int(seconds * rate))))
+
+    return asyncio.run(run())
 
 
 # --- servers -----------------------------------------------------------------------------

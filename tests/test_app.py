@@ -11,12 +11,17 @@ def test_crud_round_trip(client, seeded):
     created = client.get("/todos", method="POST", body={"title": "write tests", "priority": 3})
     assert created.status == 201, created
     todo = created.json()
-    assert todo == {"id": todo["id"], "title": "write tests", "done": False, "priority": 3}
+    assert todo == {"id": todo["id"], "title": "write tests", "done": False, "priority": 3, "due_at": None}
     assert created.headers["location"] == f"/todos/{todo['id']}"
     assert client.get(created.headers["location"]).json() == todo
 
     patched = client.get(f"/todos/{todo['id']}", method="PATCH", body={"done": True})
     assert patched.status == 200 and patched.json()["done"] is True
+    due = client.get(f"/todos/{todo['id']}", method="PATCH", body={"due_at": "2027-01-31T23:30:00-05:00"})
+    assert due.status == 200 and due.json()["due_at"] == "2027-02-01T04:30:00+00:00"
+    assert client.get(f"/todos/{todo['id']}").json()["due_at"] == "2027-02-01T04:30:00+00:00"
+    undue = client.get(f"/todos/{todo['id']}", method="PATCH", body={"due_at": None})
+    assert undue.status == 200 and undue.json()["due_at"] is None
 
     assert client.get(f"/todos/{todo['id']}", method="DELETE").status == 204
     assert client.get(f"/todos/{todo['id']}").status == 404

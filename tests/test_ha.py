@@ -7,17 +7,15 @@ again after a 503 as its Retry-After says); reads are `loadtest.py --rate 50`. E
 row is read back from the primary afterwards.
 """
 
-import asyncio
 import contextlib
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import psycopg2
 import pytest
 from conftest import (
+    WRITES_PER_SECOND,
     cluster_environment,
     cluster_marks,
     cluster_status,
@@ -25,17 +23,17 @@ from conftest import (
     in_background,
     loadtest_report,
     run_cluster,
+    writes,
 )
 
 from deploy import credentials, ha
-from loadtester.measure import client_session
 
 INSTALL = f"{ha.PACKAGES} pgbouncer haproxy"
 pytestmark = [*cluster_marks("pgbouncer", "haproxy", "etcd", "patroni", install=INSTALL),
               # PostgreSQL's server binaries: Debian's, which Patroni runs (deploy/ha.py).
               pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/pg_rewind")),
                                  reason=f"not installed: apt-get install {INSTALL}")]
-WRITES_PER_SECOND = 20
+
 READS_PER_SECOND = 50
 
 
@@ -43,43 +41,6 @@ READS_PER_SECOND = 50
 def cluster():
     with cluster_environment("10.83") as env, cluster_up(env, "--ha", "--hosts", "2") as balancer:
         yield env, balancer
-
-
-def writes(url: str, seconds: float, tag: str) -> list[dict]:
-    """WRITES_PER_SECOND POSTs a second for `seconds`, each with its own Idempotency-Key and
-    sent again after a 503 (Retry-After) until a 201, for at most 40 s. One record per
-    write: its key, its attempts (sent at, status, error code) and the id it got."""
-    started = time.monotonic()
-
-    async def one(session, number: int) -> dict:
-        await asyncio.sleep(number / WRITES_PER_SECOND)
-        key, record = str(uuid.uuid4()), {"attempts": [], "id": None}
-        record["key"] = key
-        while time.monotonic() - started < seconds + 40:
-            sent = time.monotonic() - started
-            try:
-                async with session.post(url + "/todos", json={"title": f"{tag} {number}"},
-                                        headers={"Idempotency-Key": key}) as response:
-                    body = await response.json(content_type=None)
-                    status, retry_after = response.status, float(response.headers.get("Retry-After", 1))
-            except (aiohttp.ClientError, TimeoutError) as error:
-                record["attempts"].append((sent, type(error).__name__, None))
-                await asyncio.sleep(1)
-                continue
-            record["attempts"].append((sent, status, (body.get("error") or {}).get("code")))
-            if status == 201:
-                record["id"] = body["id"]
-                return record
-            if status != 503:
-                return record
-            await asyncio.sleep(retry_after)
-        return record
-
-    async def run():
-        async with client_session(30) as session:
-            return await asyncio.gather(*(one(session, number) for number in range(int(seconds * WRITES_PER_SECOND))))
-
-    return asyncio.run(run())
 
 
 def reads(url: str, seconds: float) -> dict:

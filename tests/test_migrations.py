@@ -3,11 +3,14 @@ to the migrations, a database made by the old `create_all` adopted, and a migrat
 waits for a lock gives up instead of holding every query behind it."""
 
 
+import time
+
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 
 import seed
 from greenflask import embedded
@@ -94,3 +97,22 @@ def test_a_database_made_by_create_all_is_adopted(scratch):
     assert revision(scratch) == head()
     with scratch.connect() as conn:
         assert conn.scalar(text("SELECT title FROM todos")) == "made before migrations"
+
+
+def test_a_migration_waiting_for_a_lock_gives_up(scratch):
+    """0003's ALTER TABLE needs ACCESS EXCLUSIVE; behind a transaction that read todos and
+    stays open it waits MIGRATION_LOCK_TIMEOUT (3 s), not for ever, and fails with nothing
+    changed (every query queued behind it would have waited as long). Once the reader is
+    gone it runs."""
+    seed.migrate(scratch, "0002")
+    with scratch.connect() as reader:
+        reader.execute(text("SELECT count(*) FROM todos"))  # holds ACCESS SHARE until it ends
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            seed.migrate(scratch)
+        waited = time.monotonic() - started
+        reader.rollback()
+    assert revision(scratch) == "0002"
+    assert 2.5 < waited < 30, waited
+    seed.migrate(scratch)
+    assert revision(scratch) == head()
