@@ -53,6 +53,7 @@ MALFORMED = [
     ("PATCH", "/todos/1", '{"due_at": "1969-12-31T23:00:00Z"}', JSON),
     ("PATCH", "/todos/1", '{"due_at": "2027-02-30T10:00:00Z"}', JSON),
     ("PATCH", "/todos/1", '{"due_at": "2016-12-31T23:59:60Z"}', JSON),
+    ("PATCH", "/todos/1", '{"due_at": "2027-01-31T10:00:00+00:60"}', JSON),
     ("PATCH", "/todos/1", '{"due_at": 1735689600}', JSON),
     ("PATCH", "/todos/1", '{"id": 7}', JSON),
     ("PATCH", "/todos/1", '{"title": "ok", "priority": 10}', JSON),

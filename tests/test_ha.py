@@ -156,3 +156,12 @@ def ha_seconds_until(env: dict, check, within: float) -> float:
             pytest.fail(f"not within {within:.0f} s: {report['db_nodes']}")
         time.sleep(1)
     return time.monotonic() - started
+
+
+def test_migrations_go_to_the_primary(cluster):
+    """`migrate` reaches Patroni's primary through the database side's HAProxy (TLS, the
+    superuser's passfile): `up` left the schema at head, so there is nothing to run."""
+    env, _ = cluster
+    migrated = run_cluster(env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.startswith("schema: alembic upgrade head from ") and "already there" in migrated.stdout
