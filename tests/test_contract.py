@@ -112,7 +112,7 @@ def test_schemathesis_finds_nothing_against_gunicorn(start_server, tmp_path, fig
 
 @pytest.mark.parametrize("_", [pytest.param(None, marks=cluster_marks("pgbouncer", "haproxy"))])
 def test_schemathesis_finds_nothing_through_the_cluster(_, tmp_path, figure):
-    with cluster_environment("10.81") as env:
+    with cluster_environment("10.82") as env:
         env.update(CONTRACT_ENV)
         with cluster_up(env, "--hosts", "2") as balancer:
             done, found = schemathesis(balancer, tmp_path / "events.ndjson")

