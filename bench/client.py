@@ -7,8 +7,10 @@ BENCHMARKS.md section 7.
    raw floor (bench/floor_wsgi.py, 2 gevent workers, GET /todos?limit=5) and a static answer
    from HAProxy (a server that costs next to nothing: the clients' own limits).
 2. Five capacity searches in a row against one `gunicorn app:app -k gevent`
-   (`--find-capacity --slo p99=50ms -d 3 /todos?limit=5`), then wrk2 at the rate found and
+   (`--find-capacity --slo p99=50ms -d 10 /todos?limit=5`), then wrk2 at the rate found and
    a quarter above it: does a client no one here wrote put the knee in the same place?
+   Steps of 10 s, as long as wrk2's measured part: over 3 s a server past its knee has not
+   yet queued enough to miss, and the search answered higher than wrk2's 20 s runs.
 
 wrk2 (Gil Tene's constant-rate fork of wrk) is not packaged: build it from its source
 (`make` in a checkout of giltene/wrk2) and put it on PATH as `wrk2`, or name it with
@@ -35,6 +37,7 @@ SECTION = "## 7. The load tester at the top end"
 PATH = "/todos?limit=5"
 SLO = "p99=50ms"
 WRK2_CHECK_SECONDS = 20
+SEARCH_STEP_SECONDS = 10
 TIMEOUT = 2  # seconds per request: a run past the server's knee holds fewer sockets
 
 
@@ -108,7 +111,7 @@ def searches(url: str) -> dict:
     found = []
     with server(["-k", "gevent"], {"DATABASE_URL": url}) as (base_url, _):
         for index in range(TOOLS.bench_client_searches):
-            search = loadtest("--find-capacity", "--slo", SLO, "-d", "3", "--url", base_url, PATH)
+            search = loadtest("--find-capacity", "--slo", SLO, "-d", str(SEARCH_STEP_SECONDS), "--url", base_url, PATH)
             capacity = search["capacity"] or {}
             print(f"  search {index + 1}: {capacity.get('line', 'no answer')}", flush=True)
             found.append({"rate": capacity.get("rate"), "line": capacity.get("line", "no answer"),
@@ -146,7 +149,8 @@ def render(by_server: dict[str, list[dict]], search: dict) -> str:
         lines += ["", f"Highest rate on schedule: 1 process {shown['p1']}, 2 processes {shown['p2']}{ratio}, "
                   f"wrk2 {shown['wrk2']}.", ""]
     lines += ["### Five searches in a row", "",
-              f"`loadtest.py --find-capacity --slo {SLO} -d 3 {PATH}` against one `gunicorn app:app -k gevent`:", "",
+              f"`loadtest.py --find-capacity --slo {SLO} -d {SEARCH_STEP_SECONDS} {PATH}` against one "
+              "`gunicorn app:app -k gevent`:", "",
               "| search | answer | steps | runs |", "|---|---|---|---|"]
     for index, row in enumerate(search["searches"], 1):
         lines.append(f"| {index} | {row['line']} | {row['steps']} | {row['runs']} |")

@@ -24,7 +24,7 @@ import click
 
 from loadtester import openloop, plots
 from loadtester.fleet import Fleet
-from loadtester.measure import Outcome, probe
+from loadtester.measure import Outcome, client_session, fetch, probe
 from loadtester.output import console, ms
 from loadtester.report import PERCENTILES, Report, Run
 
@@ -41,6 +41,11 @@ CLOSE_ENOUGH = 0.1  # the bisection stops when the gap between a met and a misse
 NEAR = 2.0
 MOST_RUNS = 3  # a step near the boundary runs until two runs agree: at most three
 STEP_SECONDS = 5.0  # -d of a step when not given
+# Before each run, the server must answer this many GETs in a row within the SLO (for at
+# most SETTLE_SECONDS): a step past the knee leaves requests queued in the server after its
+# clients gave up, and the next step would otherwise start on that backlog.
+SETTLE_ANSWERS = 3
+SETTLE_SECONDS = 10.0
 WARMUP_SECONDS = 1.0  # --warmup of a step when not given
 
 
@@ -150,6 +155,21 @@ def next_rate(steps: list[Step], max_rate: float) -> float | None:
     return float(round((low + high) / 2))
 
 
+async def settle(url: str, slo: float) -> bool:
+    """Wait until SETTLE_ANSWERS GETs in a row come back 2xx within `slo`, one at a time;
+    False when SETTLE_SECONDS passed first."""
+    began, in_a_row = time.perf_counter(), 0
+    async with client_session(max(slo, 1.0)) as session:
+        while in_a_row < SETTLE_ANSWERS:
+            if time.perf_counter() - began > SETTLE_SECONDS:
+                return False
+            outcome = await fetch(session, url, began)
+            in_a_row = in_a_row + 1 if outcome.ok and outcome.latency <= slo else 0
+            if not in_a_row:
+                await asyncio.sleep(0.1)
+    return True
+
+
 class Search:
     """The search's state, kept as it goes so that a Ctrl-C keeps what was found."""
 
@@ -166,6 +186,7 @@ class Search:
         runs: list[Step] = []
         retried = False
         while room() and (not runs or self.unsettled(runs)):
+            asyncio.run(settle(self.url, self.slo))
             report, outcomes = openloop.measure(fleet, self.url, rate, self.duration, self.timeout, self.warmup,
                                                 GIVE_UP_BEHIND)
             run = judge(report, outcomes, self.percentile, self.slo)

@@ -2,6 +2,7 @@
 whose knee is known: one whose slow answers cross 1 % at 300 requests a second (the noise
 a real server's p99 has near its knee), one that saturates past it."""
 
+import asyncio
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from conftest import run_loadtest as run
 from slotserver import SlotServer
 
 from loadtester import capacity
-from loadtester.measure import Outcome
+from loadtester.measure import Outcome, client_session, fetch
 from loadtester.report import Report, summarize
 
 KNEE = 300
@@ -163,3 +164,21 @@ def test_runs_of_one_rate_take_the_majority_and_its_median():
     combined = capacity.combine([run_of(0.2), run_of(0.004), run_of(0.006)])
     assert combined.met and combined.latency == 0.005 and combined.runs == [0.2, 0.004, 0.006]
     assert not capacity.combine([run_of(0.2), run_of(0.3)]).met
+
+
+def test_a_step_waits_for_the_backlog_the_last_one_left():
+    """A server with one slot and 300 requests of 10 ms queued for it, whose clients gave up
+    after 0.2 s: it still works through all of them (3 s). The next step's run waits until
+    the server answers within the SLO again instead of starting on that backlog."""
+
+    async def abandon(url: str, count: int):
+        async with client_session(0.2) as session:
+            await asyncio.gather(*(fetch(session, url, time.perf_counter()) for _ in range(count)))
+
+    with SlotServer(slots=1) as server:
+        asyncio.run(abandon(server.url + "/sleep/python/?seconds=0.01", 300))
+        started = time.monotonic()
+        settled = asyncio.run(capacity.settle(server.url + "/sleep/python/?seconds=0", 0.05))
+        waited = time.monotonic() - started
+    assert settled
+    assert 1.0 < waited < capacity.SETTLE_SECONDS, waited
