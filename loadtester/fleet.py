@@ -85,8 +85,8 @@ class Share:
 def _serve(connection, index: int, processes: int, shared) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     live = Counters(shared, index)
-    # uvloop (libuv under asyncio's API): an aiohttp request costs its process about half the
-    # CPU it costs on asyncio's own loop, which is what lets P processes keep a high rate.
+    # uvloop (libuv under asyncio's API): an aiohttp request costs its process less CPU than
+    # on asyncio's own loop, which is what lets P processes keep a high rate (BENCHMARKS.md 7).
     loop = uvloop.new_event_loop()
     while (message := connection.recv()) is not None:
         job, args = message

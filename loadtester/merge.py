@@ -72,6 +72,7 @@ def merge(shards: dict[str, Report], mode: str) -> Report:
         merged.rate_asked = sum(report.rate_asked for report in reports)
         merged.rate_achieved = sum(report.rate_achieved for report in reports)
         merged.late_sends = sum(report.late_sends for report in reports)
+        merged.lateness = figures(histograms["late"])
         merged.latency_corrected = figures(histograms["corrected"])
         merged.latency_service = merged.latency
         merged.timeline = merged_timeline(reports, began)

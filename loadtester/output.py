@@ -58,7 +58,8 @@ def print_schedule(report: Report) -> None:
     console.print(f"  [bold]rate[/]      asked {report.rate_asked:.1f}/s, achieved {report.rate_achieved:.1f}/s"
                   f" from {report.processes} process{'es' * (report.processes > 1)};"
                   f" [{colour}]late sends (> {LATE_SEND * 1000:.0f} ms behind schedule) {report.late_sends}"
-                  f" ({late_share:.1%})[/]; in flight at most {report.in_flight_peak}")
+                  f" ({late_share:.1%})[/], p99 {report.lateness.get('p99', 0) * 1000:.1f} ms late;"
+                  f" in flight at most {report.in_flight_peak}")
     for label, shown in (("corrected", report.latency_corrected), ("service", report.latency_service)):
         if shown:
             text = "  ".join(f"{key} {shown[key]:.4f}" for key in ("p50", "p90", "p99", "p999", "max"))

@@ -73,6 +73,7 @@ class Report:
     rate_asked: float | None = None
     rate_achieved: float | None = None
     late_sends: int | None = None
+    lateness: dict = field(default_factory=dict)  # how late the sends left: p50 ... max, seconds
     latency_corrected: dict = field(default_factory=dict)
     latency_service: dict = field(default_factory=dict)
     client_behind: bool = False  # the open loop stopped sending: this client could not keep the rate
@@ -159,10 +160,13 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
         corrected = histogram(outcome.corrected for outcome in outcomes)
         report.rate_asked = rate
         report.rate_achieved = len(outcomes) / send_window if send_window else 0.0
+        late = histogram(outcome.late for outcome in outcomes)
         report.late_sends = sum(outcome.late > LATE_SEND for outcome in outcomes)
+        report.lateness = figures(late)
         report.latency_corrected = figures(corrected)
         report.latency_service = report.latency
         report.histograms["corrected"] = encode(corrected)
+        report.histograms["late"] = encode(late)
         report.timeline = timeline(outcomes)
     return report
 
