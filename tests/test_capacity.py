@@ -167,16 +167,16 @@ def test_runs_of_one_rate_take_the_majority_and_its_median():
 
 
 def test_a_step_waits_for_the_backlog_the_last_one_left():
-    """A server with one slot and 300 requests of 10 ms queued for it, whose clients gave up
-    after 0.2 s: it still works through all of them (3 s). The next step's run waits until
+    """A server with one slot and 20 requests of 0.1 s queued for it, whose clients gave up
+    after 0.3 s: it still works through all of them (2 s). The next step's run waits until
     the server answers within the SLO again instead of starting on that backlog."""
 
     async def abandon(url: str, count: int):
-        async with client_session(0.2) as session:
+        async with client_session(0.3) as session:
             await asyncio.gather(*(fetch(session, url, time.perf_counter()) for _ in range(count)))
 
     with SlotServer(slots=1) as server:
-        asyncio.run(abandon(server.url + "/sleep/python/?seconds=0.01", 300))
+        asyncio.run(abandon(server.url + "/sleep/python/?seconds=0.1", 20))
         started = time.monotonic()
         settled = asyncio.run(capacity.settle(server.url + "/sleep/python/?seconds=0", 0.05))
         waited = time.monotonic() - started
