@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 
 from bench.suite import ROOT, WRK_SECONDS, burst_report, publish, statuses_text, wrk
-from deploy import cluster
+from deploy import apphosts
+from deploy.runtime import program
 from loadtester import output
 from loadtester.report import Report
 
@@ -62,7 +63,7 @@ def wrk_with_machine_cpu(url: str) -> dict:
 
 def first_host_url(env: dict) -> str:
     state = json.loads((Path(env["CLUSTER_DIR"]) / "state.json").read_text())
-    return cluster.host_url(state["hosts"][0])
+    return apphosts.url(state["hosts"][0])
 
 
 def too_many_clients(env: dict) -> int:
@@ -108,7 +109,7 @@ def waves_row(env: dict) -> Report:
 
 def pgbouncer_version() -> str:
     """The first line of `pgbouncer --version`, e.g. PgBouncer 1.18.0."""
-    version = subprocess.run([cluster.program("pgbouncer"), "--version"], capture_output=True, text=True)
+    version = subprocess.run([program("pgbouncer"), "--version"], capture_output=True, text=True)
     return version.stdout.splitlines()[0]
 
 

@@ -41,25 +41,18 @@ CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by 
 `down` left, unless a process still runs in one (then that network is a live cluster's).
 """
 
-import csv
-import io
 import json
 import os
-import pwd
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from string import Template
 
 import click
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 
-from deploy import credentials, ha
-from deploy.credentials import ADMIN_USER, APP_ROLE, Credentials
+from deploy import apphosts, credentials, ha, haproxy, monitoring, pgbouncer, postgres
+from deploy.credentials import APP_ROLE, Credentials
 from deploy.network import (
     Network,
     ip,
@@ -69,407 +62,10 @@ from deploy.network import (
     remove_network,
     remove_stale_network,
 )
-from deploy.runtime import (
-    CLUSTER_DIR,
-    CLUSTER_NET,
-    DEPLOY_DIR,
-    load_state,
-    log_tail,
-    program,
-    save_state,
-    spawn,
-    state_path,
-    wait_for,
-)
-from greenflask import PROJECT_DIR, embedded, green, servers, sizing
+from deploy.rollout import longest_request_seconds, replace_host
+from deploy.runtime import CLUSTER_DIR, CLUSTER_NET, load_state, program, save_state, state_path, wait_for
+from greenflask import PROJECT_DIR, embedded, servers, sizing
 from greenflask.settings import Settings
-
-APP_PORT = 8000
-PGBOUNCER_PORT = 6432
-
-
-# --- PostgreSQL ----------------------------------------------------------------------
-
-
-def start_postgres(state: dict) -> URL:
-    """DATABASE_URL's server, or the embedded one (started if needed); the database's URL."""
-    if given := Settings.from_env().database_url:
-        url = make_url(given)
-        state["postgres"] = {"pid": None, "embedded": False, "started": False}
-    else:
-        was_running = embedded.is_running()
-        url = make_url(embedded.ensure_database(embedded.start(), embedded.DATABASE))
-        state["postgres"] = {"pid": embedded.server_pid(), "embedded": True, "started": not was_running,
-                             "pgdata": str(embedded.pgdata())}
-    state["postgres"]["url"] = url.render_as_string(hide_password=True)
-    return url
-
-
-def seed(release: Path, database_url: URL, pgbouncer: bool) -> None:
-    """The release's `python seed.py` straight to PostgreSQL: its migrations, its seed rows;
-    with PgBouncer it also makes DB_STATEMENT_TIMEOUT the database's own setting (the hosts
-    cannot send it)."""
-    run_in_release(release, [sys.executable, "seed.py"], database_url, {"DB_PGBOUNCER": "1" if pgbouncer else "0"})
-
-
-def run_in_release(release: Path, command: list[str], database_url: URL, env: dict | None = None) -> str:
-    """`command` in the release's folder with DATABASE_URL set; its output (stderr first)."""
-    env = {**os.environ, "DATABASE_URL": database_url.render_as_string(hide_password=False), **(env or {})}
-    done = subprocess.run(command, cwd=release, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise click.ClickException(f"{' '.join(command[1:])} failed in {release}: {done.stderr.strip()[-2000:]}")
-    return done.stderr + done.stdout
-
-
-def schema_url(state: dict) -> URL:
-    """Where migrations go: straight to PostgreSQL (with --ha, the primary through the
-    database side's HAProxy), never through PgBouncer (migrations/env.py says why). Made
-    again from the state's parts: the state file holds no password."""
-    if state.get("ha"):
-        return ha.superuser_url(state, Credentials(CLUSTER_DIR)).set(database=embedded.DATABASE)
-    if state["postgres"]["embedded"]:
-        return make_url(embedded.ensure_database(embedded.start(), embedded.DATABASE))
-    if given := Settings.from_env().database_url:
-        return make_url(given)
-    raise click.ClickException("the cluster's PostgreSQL is DATABASE_URL's: set it again to migrate")
-
-
-def migrate_schema(state: dict, release: Path, revision: str = "head") -> None:
-    """`alembic upgrade REVISION` of the release's migrations on the cluster's database."""
-    started = time.monotonic()
-    output = run_in_release(release, [sys.executable, "-m", "alembic", "upgrade", revision], schema_url(state))
-    steps = [line.split("Running upgrade ", 1)[1].split(",")[0] for line in output.splitlines()
-             if "Running upgrade " in line]
-    click.echo(f"schema: alembic upgrade {revision} from {release}: {', '.join(steps) or 'already there'} "
-               f"in {time.monotonic() - started:.2f} s")
-
-
-def start_replica(state: dict, primary: URL) -> URL:
-    """A streaming replica of the embedded primary, in CLUSTER_DIR/replica; its URL."""
-    folder = CLUSTER_DIR / "replica"
-    url = make_url(embedded.start_replica(primary.render_as_string(hide_password=False), folder))
-    state["replica"] = {"pid": embedded.server_pid(folder), "pgdata": str(folder)}
-    save_state(state)
-    return url
-
-
-# --- PgBouncer -----------------------------------------------------------------------
-
-
-def run_as_user(server: URL) -> str | None:
-    """Who PgBouncer runs as (and owns its key and auth_file). It refuses to run as root: as
-    root, on a unix socket (the embedded server) the socket's owner, so that it may connect,
-    otherwise `postgres` or `nobody`; not root, None: it runs as we do."""
-    if os.geteuid() != 0:
-        return None
-    socket_dir = server.query.get("host")
-    if socket_dir:
-        return pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name
-    try:
-        return pwd.getpwnam("postgres").pw_name
-    except KeyError:
-        return "nobody"
-
-
-def pgbouncer_database(name: str, server: URL) -> str:
-    """One line of [databases]: `name` is the database PgBouncer's clients ask for."""
-    host = server.query.get("host") or server.host or "127.0.0.1"
-    return f"{name} = host={host} port={server.port or 5432} dbname={server.database}"
-
-
-def pgbouncer_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
-                     files: Credentials, replica: URL | None = None, socket_dir: Path | None = None,
-                     server_tls: bool = False) -> str:
-    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online
-    restart; `server_tls`: PostgreSQL is across a network (--ha), verify its certificate."""
-    databases = [pgbouncer_database(server.database, server)]
-    if replica is not None:
-        databases.append(pgbouncer_database(replica_database(server), replica))
-    return Template((DEPLOY_DIR / "pgbouncer.ini").read_text()).substitute(
-        databases="\n".join(databases),
-        listen_addr=listen_addr,
-        listen_port=listen_port,
-        auth_file=files.auth_file,
-        admin_user=ADMIN_USER,
-        tls_cert_file=files.cert("pgbouncer"),
-        tls_key_file=files.key("pgbouncer"),
-        server_tls_sslmode="verify-full" if server_tls else "disable",
-        ca_file=files.ca_cert,
-        query_wait_timeout=max(1, min(30, Settings.from_env().statement_timeout_ms // 2000)),
-        pool_size=pool_size,
-        max_client_conn=max_client_conn,
-        unix_socket_dir=socket_dir or "",
-    )
-
-
-def replica_database(server: URL) -> str:
-    return f"{server.database}_replica"
-
-
-def make_app_role(server: URL, files: Credentials) -> tuple[URL, str]:
-    """The app's own role with a new password (deploy/credentials.py) on the database of
-    `server` (a superuser's URL), its passfile; the URL the app connects with (no password
-    in it) and the role's SCRAM secret."""
-    files.make_folders()
-    password = credentials.new_password()
-    secret = credentials.make_app_role(libpq_dsn(server), password)
-    credentials.write_private(files.app_passfile, credentials.passfile(APP_ROLE, password))
-    return server.set(username=APP_ROLE, password=None).difference_update_query(["passfile"]), secret
-
-
-def libpq_dsn(server: URL) -> str:
-    """`server` as a libpq connection string (its query's parameters, e.g. passfile, kept)."""
-    return server.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, run_as: str | None) -> None:
-    """PgBouncer's auth_file (the app role's SCRAM secret, and its admin user's) and the
-    admin's passfile; its files (and its key, made before) readable by `run_as`."""
-    admin_password = credentials.new_password()
-    # libpq computes the secret on this side, over any connection: the app's own.
-    app = libpq_dsn(server.update_query_dict({"passfile": str(files.app_passfile)}))
-    admin_secret = credentials.scram_secret(app, ADMIN_USER, admin_password)
-    credentials.write_private(files.admin_passfile, credentials.passfile(ADMIN_USER, admin_password))
-    credentials.write_private(files.auth_file, f'"{APP_ROLE}" "{app_secret}"\n"{ADMIN_USER}" "{admin_secret}"\n',
-                              run_as)
-
-
-def start_pgbouncer(state: dict, server: URL, app_secret: str, network: Network, pool_size: int, clients: int,
-                    replica: URL | None, server_tls: bool = False) -> URL:
-    """PgBouncer in transaction mode for the database (and its replica), SCRAM and TLS
-    required from its clients; the URL the hosts connect to (the app's role, verify-full)."""
-    executable = program("pgbouncer")
-    address = network.pgbouncer_address()
-    port = PGBOUNCER_PORT if network.namespaces else servers.free_port()
-    files = Credentials(CLUSTER_DIR)
-    run_as = run_as_user(server)
-    write_pgbouncer_secrets(files, server, app_secret, run_as)
-    ini = CLUSTER_DIR / "pgbouncer.ini"
-    socket_dir = CLUSTER_DIR / "pgbouncer-run"
-    socket_dir.mkdir(mode=0o700, exist_ok=True)
-    ini.write_text(pgbouncer_config(server, address, port, pool_size, clients + 20, files, replica, socket_dir,
-                                    server_tls))
-    ini.chmod(0o644)
-    command = [executable, str(ini)]
-    if run_as:
-        shutil.chown(socket_dir, run_as)
-        command[1:1] = ["-u", run_as]
-    state["pgbouncer"] = {"pid": None, "address": f"{address}:{port}", "pool_size": pool_size, "command": command,
-                          "admin_user": ADMIN_USER, "admin_passfile": str(files.admin_passfile),
-                          "ca": str(files.ca_cert)}
-    run_pgbouncer(state)
-    return server.set(host=address, port=port,
-                      query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert)})
-
-
-def run_pgbouncer(state: dict) -> None:
-    """Start PgBouncer with its recorded command; return once it listens."""
-    pgbouncer = state["pgbouncer"]
-    pgbouncer["pid"] = pid = spawn(pgbouncer["command"], "pgbouncer.log")
-    save_state(state)
-    address, port = pgbouncer["address"].rsplit(":", 1)
-    wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
-    if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer exited: {log_tail('pgbouncer.log')}")
-
-
-def restart_pgbouncer_online(state: dict) -> None:
-    """A new PgBouncer process (its binary and config as they are now) with `-R`: it asks the
-    running one, over its unix socket, for the listening socket and every client and server
-    connection, which the old one hands over before it exits."""
-    pgbouncer = state["pgbouncer"]
-    old_pid = pgbouncer["pid"]
-    command = [pgbouncer["command"][0], "-R", *pgbouncer["command"][1:]]
-    pgbouncer["pid"] = pid = spawn(command, "pgbouncer.log")
-    save_state(state)
-    wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
-    if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer -R exited: {log_tail('pgbouncer.log')}")
-
-
-def pgbouncer_admin(pgbouncer: dict, command: str) -> list[dict]:
-    """One command on PgBouncer's admin console (the `pgbouncer` database); its rows, if any."""
-    import psycopg2
-
-    address, port = pgbouncer["address"].rsplit(":", 1)
-    connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=pgbouncer["admin_user"],
-                                  passfile=pgbouncer["admin_passfile"], sslmode="verify-full",
-                                  sslrootcert=pgbouncer["ca"], connect_timeout=5)
-    try:
-        connection.autocommit = True  # the console takes no BEGIN
-        with connection.cursor() as cursor:
-            cursor.execute(command)
-            if cursor.description is None:
-                return []
-            names = [column.name for column in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-    finally:
-        connection.close()
-
-
-# --- app hosts -----------------------------------------------------------------------
-
-
-def start_host(state: dict, network: Network, number: int, workers: int, database_url: URL, pgbouncer: bool,
-               read_url: URL | None) -> None:
-    name = f"host{number}"
-    address = network.host_address(number, "front")
-    # A metrics folder of the cluster's own per host, so that `down` removes it even when the
-    # host's gunicorn was killed (its exit hook, which would remove its own, never ran).
-    metrics_dir = metrics_folder(network, number)
-    env = {"DATABASE_URL": database_url.render_as_string(hide_password=False),
-           "DB_PGBOUNCER": "1" if pgbouncer else "0", "HOST_NAME": name, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-           "PGPASSFILE": state["passfile"]}
-    if read_url is not None:
-        env["DATABASE_READ_URL"] = read_url.render_as_string(hide_password=False)
-    command = servers.gunicorn_command(f"{address}:{APP_PORT}", ["-k", "gevent", "-w", str(workers)])
-    if network.namespaces:
-        command = ["ip", "netns", "exec", network.namespace(number), *command]  # exec: same PID
-    host = {"name": name, "address": address, "port": APP_PORT, "gunicorn_pid": None, "release": state["release"],
-            "namespace": network.namespace(number) if network.namespaces else None,
-            "metrics_dir": str(metrics_dir), "command": command, "env": env}
-    state["hosts"].append(host)
-    run_host(state, host)
-
-
-def run_host(state: dict, host: dict) -> None:
-    """Start the host's gunicorn with its recorded command and the cluster's part of its
-    environment, in its release's folder (the code it runs); the rest of the environment
-    (DB_* settings) is this process's now."""
-    host["gunicorn_pid"] = spawn(host["command"], f"{host['name']}.log", host["env"], cwd=Path(host["release"]))
-    save_state(state)
-
-
-def metrics_folder(network: Network, number: int) -> Path:
-    """In memory where there is /dev/shm (every request writes to these files)."""
-    parent = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else CLUSTER_DIR
-    return parent / f"greenflask-cluster-{network.prefix}-host{number}-metrics"
-
-
-def host_url(host: dict, path: str = "") -> str:
-    return f"http://{host['address']}:{host['port']}{path}"
-
-
-def host_is_healthy(host: dict) -> bool:
-    return servers.is_alive(host["gunicorn_pid"]) and servers.status_of(host_url(host, "/healthz")) == 200
-
-
-# --- HAProxy -------------------------------------------------------------------------
-
-
-def haproxy_config(bind: str, exporter_bind: str, admin_socket: Path, hosts: list[dict]) -> str:
-    """deploy/haproxy.cfg with this cluster's values and a `server` line per host."""
-    text = Template((DEPLOY_DIR / "haproxy.cfg").read_text()).substitute(
-        bind=bind, exporter_bind=exporter_bind, admin_socket=admin_socket,
-        max_body_bytes=Settings.from_env().max_body_bytes)
-    return text + "".join(f"    server {host['name']} {host['address']}:{host['port']}\n" for host in hosts)
-
-
-def start_haproxy(state: dict, port: int) -> None:
-    executable = program("haproxy")
-    admin_socket = CLUSTER_DIR / "haproxy.sock"
-    config = CLUSTER_DIR / "haproxy.cfg"
-    exporter = f"127.0.0.1:{servers.free_port()}"
-    config.write_text(haproxy_config(f"127.0.0.1:{port}", exporter, admin_socket, state["hosts"]))
-    checked = subprocess.run([executable, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
-    if checked.returncode != 0:
-        raise click.ClickException(f"haproxy.cfg: {checked.stderr.strip()}")
-    pid = spawn([executable, "-db", "-f", str(config)], "haproxy.log")
-    state["haproxy"] = {"pid": pid, "url": f"http://127.0.0.1:{port}", "admin_socket": str(admin_socket),
-                        "exporter": exporter}
-    save_state(state)
-
-
-# --- Prometheus ----------------------------------------------------------------------
-
-
-def start_postgres_exporter(state: dict) -> str:
-    """Debian's prometheus-postgres-exporter for the primary (its connection string in the
-    environment, not in argv; with --ha, through HAProxy's primary port, so that it follows
-    a failover, its password read from a file); the address it serves on."""
-    executable = program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
-    if state.get("ha"):
-        files = Credentials(CLUSTER_DIR)
-        env = {"DATA_SOURCE_URI": f"127.0.0.1:{state['ha']['primary_port']}/postgres?sslmode=verify-full"
-                                  f"&sslrootcert={files.ca_cert}",
-               "DATA_SOURCE_USER": "postgres", "DATA_SOURCE_PASS_FILE": str(files.superuser_password)}
-    else:
-        url = make_url(Settings.from_env().database_url or embedded.embedded_url())
-        query = {"sslmode": "disable", **url.query} if "sslmode" not in url.query else dict(url.query)
-        env = {"DATA_SOURCE_NAME": url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)}
-    address = f"127.0.0.1:{servers.free_port()}"
-    pid = spawn([executable, f"--web.listen-address={address}"], "postgres-exporter.log", env)
-    state["postgres_exporter"] = {"pid": pid, "address": address}
-    save_state(state)
-    return address
-
-
-def start_pgbouncer_exporter(state: dict) -> str:
-    """deploy/pgbouncer_exporter.py for this cluster's PgBouncer; the address it serves on."""
-    address = f"127.0.0.1:{servers.free_port()}"
-    pid = spawn([sys.executable, "-m", "deploy.pgbouncer_exporter", "--listen", address], "pgbouncer-exporter.log")
-    state["pgbouncer_exporter"] = {"pid": pid, "address": address}
-    save_state(state)
-    wait_for(lambda: servers.status_of(f"http://{address}/metrics") == 200 or not servers.is_alive(pid),
-             "the PgBouncer exporter")
-    return address
-
-
-def start_prometheus(state: dict) -> None:
-    """Prometheus with deploy/prometheus/ as it is, scraping every host's /metrics on its own
-    address and HAProxy's exporter; the targets are files it reads (file_sd)."""
-    executable = program("prometheus", "prometheus")
-    folder = CLUSTER_DIR / "prometheus"
-    (folder / "targets").mkdir(parents=True, exist_ok=True)
-    for name in ("prometheus.yml", "alerts.yml", "recording.yml"):
-        shutil.copy(DEPLOY_DIR / "prometheus" / name, folder / name)
-    hosts = [{"targets": [f"{host['address']}:{host['port']}"], "labels": {"host": host["name"]}}
-             for host in state["hosts"]]
-    (folder / "targets" / "greenflask.json").write_text(json.dumps(hosts, indent=2))
-    (folder / "targets" / "haproxy.json").write_text(json.dumps([{"targets": [state["haproxy"]["exporter"]]}]))
-    exporter = start_postgres_exporter(state)
-    (folder / "targets" / "postgres.json").write_text(json.dumps([{"targets": [exporter]}]))
-    pgbouncer = [{"targets": [start_pgbouncer_exporter(state)]}] if state.get("pgbouncer") else []
-    (folder / "targets" / "pgbouncer.json").write_text(json.dumps(pgbouncer))
-    # Patroni's own GET /metrics on each node (patroni_primary, its WAL positions), with --ha.
-    nodes = [{"targets": [f"{node['address']}:{ha.PATRONI_PORT}"], "labels": {"node": node["name"]}}
-             for node in (state.get("ha") or {}).get("nodes", [])]
-    (folder / "targets" / "patroni.json").write_text(json.dumps(nodes))
-    url = f"http://127.0.0.1:{servers.free_port()}"
-    pid = spawn([executable, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                 f"--web.listen-address={url.removeprefix('http://')}", "--storage.tsdb.retention.time=1d"],
-                "prometheus.log")
-    state["prometheus"] = {"pid": pid, "url": url}
-    save_state(state)
-    wait_for(lambda: servers.status_of(url + "/-/ready") == 200 or not servers.is_alive(pid), "Prometheus")
-    if not servers.is_alive(pid):
-        raise click.ClickException(f"Prometheus exited: {log_tail('prometheus.log')}")
-
-
-def haproxy_admin(admin_socket: str, command: str) -> str:
-    """One command on HAProxy's admin socket; its answer ("" when HAProxy does not answer)."""
-    try:
-        with socket.socket(socket.AF_UNIX) as connection:
-            connection.settimeout(2)
-            connection.connect(admin_socket)
-            connection.sendall(command.encode() + b"\n")
-            return b"".join(iter(lambda: connection.recv(65536), b"")).decode()
-    except OSError:
-        return ""
-
-
-def haproxy_servers(admin_socket: str, backend: str = "app_hosts") -> dict[str, dict]:
-    """{server name: its `show stat` row in `backend`} (status "UP", "DOWN", "DRAIN", ...;
-    scur: requests or connections in flight; stot: sent so far)."""
-    rows = csv.DictReader(io.StringIO(haproxy_admin(admin_socket, "show stat").lstrip("# ")))
-    return {row["svname"]: row for row in rows if row["pxname"] == backend
-            and row["svname"] not in ("BACKEND", "FRONTEND")}
-
-
-def haproxy_server_states(admin_socket: str, backend: str = "app_hosts") -> dict[str, str]:
-    """{server name: "UP" | "DOWN" | ...} in `backend`, from HAProxy's admin socket."""
-    return {name: row["status"] for name, row in haproxy_servers(admin_socket, backend).items()}
-
 
 # --- commands ------------------------------------------------------------------------
 
@@ -492,7 +88,7 @@ def cli() -> None:
 @click.option("--pgbouncer-pool", default=20, show_default=True, type=click.IntRange(1),
               help="PgBouncer's server connections (default_pool_size).")
 @click.option("--direct", is_flag=True, help="No PgBouncer: hosts connect straight to PostgreSQL.")
-@click.option("--monitoring", is_flag=True,
+@click.option("--monitoring", "with_monitoring", is_flag=True,
               help="Prometheus (deploy/prometheus/) scraping the hosts and HAProxy, with the alert rules.")
 @click.option("--replica", is_flag=True,
               help="A streaming replica of the embedded PostgreSQL for the hosts' reads (DATABASE_READ_URL).")
@@ -501,22 +97,23 @@ def cli() -> None:
                    "behind HAProxy; reads from the replicas.")
 @click.option("--db-nodes", default=3, show_default=True, type=click.IntRange(2, 5), help="With --ha: nodes.")
 @RELEASE_OPTION
-def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, monitoring: bool,
+def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, with_monitoring: bool,
        replica: bool, ha_nodes: bool, db_nodes: int, release: Path) -> None:
     """Start PostgreSQL, PgBouncer, the app hosts and HAProxy (and Prometheus); print the balancer's URL last."""
+    settings = Settings.from_env()
     if load_state():
         raise click.ClickException(f"a cluster is already up ({state_path()}): python -m deploy.cluster down")
     if not direct:
         program("pgbouncer")
     program("haproxy")
-    if monitoring:
+    if with_monitoring:
         program("prometheus", "prometheus")
         program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
-    if replica and (direct or Settings.from_env().database_url):
+    if replica and (direct or settings.database_url):
         raise click.ClickException("--replica needs the embedded PostgreSQL and PgBouncer: no DATABASE_URL, "
                                    "no --direct")
     if ha_nodes:
-        if direct or replica or Settings.from_env().database_url or os.geteuid() != 0:
+        if direct or replica or settings.database_url or os.geteuid() != 0:
             raise click.ClickException("--ha runs its own PostgreSQL nodes in network namespaces behind PgBouncer: "
                                        "as root, without DATABASE_URL, --direct or --replica")
         ha.check_ready()
@@ -533,9 +130,9 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
              "pgbouncer": None, "haproxy": None, "prometheus": None, "release": str(release)}
     save_state(state)
     try:
-        _bring_up(state, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes)
-        if monitoring:
-            start_prometheus(state)
+        _bring_up(state, settings, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes)
+        if with_monitoring:
+            monitoring.start_prometheus(state, settings.database_url)
             click.echo(f"Prometheus: {state['prometheus']['url']}, pid {state['prometheus']['pid']}")
     except BaseException:
         click.echo(f"up failed; stopping what started (logs in {CLUSTER_DIR})", err=True)
@@ -546,8 +143,8 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, m
     click.echo(state["haproxy"]["url"])
 
 
-def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int, pgbouncer_pool: int,
-              direct: bool, replica: bool, db_nodes: int) -> None:
+def _bring_up(state: dict, settings: Settings, network: Network, hosts: int, workers: int, port: int,
+              pgbouncer_pool: int, direct: bool, replica: bool, db_nodes: int) -> None:
     if network.namespaces:
         click.echo(f"network: hosts in namespaces {network.namespace(1)}..{hosts}, front {network.net}.1.0/24, "
                    f"back {network.net}.2.0/24" + (f", database nodes {network.net}.3.0/24" if db_nodes else ""))
@@ -571,23 +168,22 @@ def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int
                    f"(primary), :{state['ha']['replicas_port']} (replicas)")
         replica_url = database_url.set(port=state["ha"]["replicas_port"])
     else:
-        database_url = start_postgres(state)
+        database_url = postgres.start(state, settings.database_url)
         click.echo(f"PostgreSQL: {state['postgres']['url']}")
         if not direct:
-            credentials.make_certificates(files, tls_names, run_as_user(database_url))
-    seed(Path(state["release"]), database_url, pgbouncer=not direct)
+            credentials.make_certificates(files, tls_names, pgbouncer.run_as_user(database_url))
+    postgres.seed(Path(state["release"]), database_url, pgbouncer=not direct)
     if replica:
-        replica_url = start_replica(state, database_url)
+        replica_url = postgres.start_replica(state, database_url)
         click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
     elif not db_nodes:
         replica_url = None
-    app_url, app_secret = make_app_role(database_url, files)
+    app_url, app_secret = pgbouncer.make_app_role(database_url, files)
     if db_nodes:
         ha.wait_until_replicated(state)
     state["passfile"] = str(files.app_passfile)
     save_state(state)
     click.echo(f"app role: {APP_ROLE}, its password in {state['passfile']} (mode 600)")
-    settings = Settings.from_env()
     # With a replica (or --ha's replicas) every worker has two pools, one to each database.
     reads_apart = replica_url is not None
     per_pool = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow)
@@ -596,20 +192,20 @@ def _bring_up(state: dict, network: Network, hosts: int, workers: int, port: int
     if direct:
         database_url = app_url
     else:
-        database_url = start_pgbouncer(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url,
-                                       server_tls=bool(db_nodes))
+        database_url = pgbouncer.start(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url,
+                                       settings.statement_timeout_ms, server_tls=bool(db_nodes))
         click.echo(f"PgBouncer: {state['pgbouncer']['address']} (transaction mode, {pgbouncer_pool} server "
                    f"connections for {clients} app connections; SCRAM and TLS required)")
         if reads_apart:
-            read_url = database_url.set(database=replica_database(database_url))
+            read_url = database_url.set(database=pgbouncer.replica_database(database_url))
     for number in range(1, hosts + 1):
-        start_host(state, network, number, workers, database_url, not direct, read_url)
+        apphosts.start(state, network, number, workers, database_url, not direct, read_url)
     for host in state["hosts"]:
-        wait_for(lambda host=host: host_is_healthy(host), f"{host['name']} ({host_url(host)})", within=60)
-        click.echo(f"{host['name']}: {host_url(host)} gunicorn pid {host['gunicorn_pid']}")
-    start_haproxy(state, port)
+        wait_for(lambda host=host: apphosts.is_healthy(host), f"{host['name']} ({apphosts.url(host)})", within=60)
+        click.echo(f"{host['name']}: {apphosts.url(host)} gunicorn pid {host['gunicorn_pid']}")
+    haproxy.start_balancer(state, port, settings.max_body_bytes)
     admin_socket = state["haproxy"]["admin_socket"]
-    wait_for(lambda: set(haproxy_server_states(admin_socket).values()) == {"UP"}, "HAProxy")
+    wait_for(lambda: set(haproxy.server_states(admin_socket).values()) == {"UP"}, "HAProxy")
     click.echo(f"HAProxy: pid {state['haproxy']['pid']}, every host UP")
 
 
@@ -620,11 +216,11 @@ def status(as_json: bool) -> None:
     state = load_state()
     if state is None:
         raise click.ClickException("no cluster is up")
-    states = haproxy_server_states(state["haproxy"]["admin_socket"]) if state.get("haproxy") else {}
+    states = haproxy.server_states(state["haproxy"]["admin_socket"]) if state.get("haproxy") else {}
     report = {
         "passfile": state.get("passfile"),
         "hosts": [{"name": host["name"], "address": host["address"], "gunicorn_pid": host["gunicorn_pid"],
-                   "healthy": host_is_healthy(host), "haproxy": states.get(host["name"]),
+                   "healthy": apphosts.is_healthy(host), "haproxy": states.get(host["name"]),
                    "release": host.get("release")} for host in state["hosts"]],
         "pgbouncer": _with_alive(state.get("pgbouncer")),
         "haproxy": _with_alive(state.get("haproxy")),
@@ -717,14 +313,14 @@ def switchover(candidate: str | None) -> None:
     state = require("ha")
     started = time.monotonic()
     admin = state["ha"]["haproxy"]["admin_socket"]
-    pgbouncer_admin(state["pgbouncer"], "PAUSE")
+    pgbouncer.admin(state["pgbouncer"], "PAUSE")
     try:
         old, new = ha.switchover(state, candidate)
-        wait_for(lambda: haproxy_server_states(admin, "postgres_primary").get(new) == "UP"
-                 and haproxy_server_states(admin, "postgres_primary").get(old) != "UP",
+        wait_for(lambda: haproxy.server_states(admin, "postgres_primary").get(new) == "UP"
+                 and haproxy.server_states(admin, "postgres_primary").get(old) != "UP",
                  f"HAProxy to route writes to {new}")
     finally:
-        pgbouncer_admin(state["pgbouncer"], "RESUME")
+        pgbouncer.admin(state["pgbouncer"], "RESUME")
     click.echo(f"switchover {old} -> {new} in {time.monotonic() - started:.2f} s")
 
 
@@ -740,27 +336,23 @@ def restart(part: str) -> None:
         raise click.ClickException("no cluster with PgBouncer is up")
     started = time.monotonic()
     if part == "pgbouncer":
-        restart_pgbouncer_online(state)
+        pgbouncer.restart_online(state)
     else:
         if not state["postgres"]["embedded"]:
             raise click.ClickException("PostgreSQL is DATABASE_URL's server: restart it with its own tools")
         pgdata = Path(state["postgres"]["pgdata"])
         database = make_url(state["postgres"]["url"]).database
-        pgbouncer_admin(state["pgbouncer"], f"PAUSE {database}")  # returns once no transaction runs
+        pgbouncer.admin(state["pgbouncer"], f"PAUSE {database}")  # returns once no transaction runs
         try:
             embedded.stop(pgdata)
             embedded.start(pgdata)
             state["postgres"]["pid"] = embedded.server_pid(pgdata)
             save_state(state)
         finally:
-            pgbouncer_admin(state["pgbouncer"], f"RESUME {database}")
+            pgbouncer.admin(state["pgbouncer"], f"RESUME {database}")
     click.echo(f"{part} restarted in {time.monotonic() - started:.2f} s")
 
 
-def longest_request_seconds() -> float:
-    """The longest a request of the app may take: its longest sleep or its statement bound."""
-    settings = Settings.from_env()
-    return max(settings.sleep_max_seconds, settings.statement_timeout_ms / 1000 + green.STATEMENT_MARGIN_SECONDS)
 
 
 @cli.command()
@@ -779,57 +371,24 @@ def rollout(names: str | None, drain_margin: float, release: Path, migrate: bool
 
     The release's migrations run first, with the old release still serving: so they must
     be ones the old code works with (expand -> deploy -> contract, docs/operations.md)."""
+    settings = Settings.from_env()
     state = load_state()
     if state is None or not state.get("haproxy"):
         raise click.ClickException("no cluster is up")
     if migrate:
-        migrate_schema(state, release)
+        postgres.migrate_schema(state, release, settings.database_url)
     hosts = {host["name"]: host for host in state["hosts"]}
     chosen = [name.strip() for name in names.split(",")] if names else list(hosts)
     if unknown := [name for name in chosen if name not in hosts]:
         raise click.ClickException(f"no host {', '.join(unknown)}: {', '.join(hosts)}")
     admin = state["haproxy"]["admin_socket"]
-    bound = longest_request_seconds() + drain_margin
+    bound = longest_request_seconds(settings) + drain_margin
     state["release"] = str(release)
     for name in chosen:
         hosts[name]["release"] = str(release)
-        _replace_host(state, hosts[name], admin, bound)
+        replace_host(state, hosts[name], admin, bound)
 
 
-def _replace_host(state: dict, host: dict, admin: str, bound: float) -> None:
-    name, old_pid, started = host["name"], host["gunicorn_pid"], time.monotonic()
-    haproxy_admin(admin, f"set server app_hosts/{name} state drain")
-
-    def in_flight() -> int:
-        return int(haproxy_servers(admin).get(name, {}).get("scur") or 0)
-
-    try:
-        servers.wait_until(lambda: in_flight() == 0, f"{name}'s requests", bound)
-        left = 0
-    except RuntimeError:
-        # Past the bound the old master still gets SIGTERM: gunicorn lets what runs finish
-        # for its graceful_timeout, then ends it; HAProxy answers that client 502.
-        left = in_flight()
-    drained = time.monotonic() - started
-    # MAINT closes HAProxy's idle kept-alive connections to the host, which the old workers
-    # would otherwise hold open for their keep-alive before they exit.
-    haproxy_admin(admin, f"set server app_hosts/{name} state maint")
-    servers.stop(old_pid)
-    run_host(state, host)
-    try:
-        servers.wait_until(lambda: host_is_healthy(host) or not servers.is_alive(host["gunicorn_pid"]),
-                           f"{name}'s /healthz", 60)
-        if not servers.is_alive(host["gunicorn_pid"]):
-            raise RuntimeError("its new gunicorn exited")
-        haproxy_admin(admin, f"set server app_hosts/{name} state ready")
-        servers.wait_until(lambda: haproxy_server_states(admin).get(name) == "UP", f"{name} UP in HAProxy", 30)
-    except RuntimeError as error:
-        raise click.ClickException(f"{name} did not come back: {error}; it stays out of rotation, the other hosts "
-                                   f"serve (its log: {CLUSTER_DIR / (name + '.log')})") from None
-    replaced = time.monotonic() - started
-    note = f", {left} request(s) still running at the {bound:.0f} s bound" if left else ""
-    click.echo(f"{name}: drained in {drained:.2f} s{note}; replaced (pid {old_pid} -> {host['gunicorn_pid']}) and "
-               f"back in rotation in {replaced:.2f} s")
 
 
 @cli.command()
@@ -841,7 +400,7 @@ def migrate(release: Path, revision: str) -> None:
     state = load_state()
     if state is None or not state.get("postgres") and not state.get("ha"):
         raise click.ClickException("no cluster is up")
-    migrate_schema(state, release, revision)
+    postgres.migrate_schema(state, release, Settings.from_env().database_url, revision)
 
 
 @cli.command()

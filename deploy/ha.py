@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,8 +30,11 @@ import click
 import psycopg2
 from sqlalchemy.engine import URL
 
-from deploy import credentials
+from deploy import credentials, haproxy, units
 from deploy.credentials import Credentials
+from deploy.haproxy import host_port
+from deploy.inventory import DbNode, Etcd, Inventory
+from deploy.layout import Layout, Need, Rendered
 from deploy.network import Network, ip
 from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, log_tail, program, save_state, spawn, wait_for
 from greenflask import servers
@@ -40,7 +42,7 @@ from greenflask import servers
 PACKAGES = "etcd-server patroni postgresql"
 RUN_AS = "postgres"
 ETCD_PORT = 2379
-PATRONI_PORT = 8008
+PATRONI_PORT = haproxy.PATRONI_PORT
 POSTGRES_PORT = 5432
 
 
@@ -99,7 +101,8 @@ def start(state: dict, network: Network, count: int, files: Credentials) -> URL:
     start_etcd(state, network)
     for number, name in enumerate(node_names(count), 1):
         node = {"name": name, "address": network.db_address(number), "namespace": network.db_namespace(number),
-                "config": str(home / f"{name}.yml"), "data_dir": str(home / name), "patroni_pid": None}
+                "config": str(home / f"{name}.yml"), "secrets": str(home / f"{name}.env"), "data_dir": str(home / name),
+                "patroni_pid": None}
         write_node_config(node, state["ha"]["etcd"]["url"], network, files, passwords)
         state["ha"]["nodes"].append(node)
         run_node(state, node)
@@ -118,18 +121,23 @@ def superuser_url(state: dict, files: Credentials) -> URL:
                              "passfile": str(files.superuser_passfile)})
 
 
+def etcd_environment(name: str, data_dir: str, client: str, peer: str, members: dict[str, str]) -> dict[str, str]:
+    """One etcd member's configuration, as etcd reads it from ETCD_* variables: `client` and
+    `peer` its URLs, `members` {name: peer URL} of every member (the initial cluster)."""
+    return {"ETCD_NAME": name, "ETCD_DATA_DIR": data_dir, "ETCD_LISTEN_CLIENT_URLS": client,
+            "ETCD_ADVERTISE_CLIENT_URLS": client, "ETCD_LISTEN_PEER_URLS": peer,
+            "ETCD_INITIAL_ADVERTISE_PEER_URLS": peer,
+            "ETCD_INITIAL_CLUSTER": ",".join(f"{member}={url}" for member, url in members.items()),
+            "ETCD_INITIAL_CLUSTER_STATE": "new", "ETCD_INITIAL_CLUSTER_TOKEN": "greenflask"}
+
+
 def start_etcd(state: dict, network: Network) -> None:
     """One etcd member on the db network's bridge address (see the module's docstring)."""
     executable = program("etcd", PACKAGES)
-    address = network.bridge_address("db")
-    data = folder() / "etcd"
     peer = f"http://127.0.0.1:{servers.free_port()}"
-    client = f"http://{address}:{ETCD_PORT}"
-    command = [executable, "--name", "etcd1", "--data-dir", str(data), "--listen-client-urls", client,
-               "--advertise-client-urls", client, "--listen-peer-urls", peer,
-               "--initial-advertise-peer-urls", peer, "--initial-cluster", f"etcd1={peer}",
-               "--initial-cluster-state", "new"]
-    state["ha"]["etcd"] = {"pid": spawn(command, "etcd.log"), "url": client}
+    client = f"http://{network.bridge_address('db')}:{ETCD_PORT}"
+    env = etcd_environment("etcd1", str(folder() / "etcd"), client, peer, {"etcd1": peer})
+    state["ha"]["etcd"] = {"pid": spawn([executable], "etcd.log", env), "url": client}
     save_state(state)
     wait_for(lambda: servers.status_of(f"{client}/health") == 200 or not servers.is_alive(state["ha"]["etcd"]["pid"]),
              "etcd")
@@ -137,26 +145,43 @@ def start_etcd(state: dict, network: Network) -> None:
         raise click.ClickException(f"etcd exited: {log_tail('etcd.log')}")
 
 
+def patroni_config(name: str, address: str, etcd_hosts: list[str], data_dir: str, bin_dir: str, pgpass: str,
+                   socket_dir: str, ca_file: str, cert_file: str, key_file: str, clients: list[str]) -> str:
+    """deploy/patroni.yml for one node; `clients`: the networks let in (a pg_hba line each)."""
+    hba = "".join(f"    - hostssl replication replicator {network} scram-sha-256\n"
+                  f"    - hostssl all all {network} scram-sha-256\n" for network in clients)
+    return Template((DEPLOY_DIR / "patroni.yml").read_text()).substitute(
+        name=name, address=address, etcd=",".join(etcd_hosts), data_dir=data_dir, bin_dir=bin_dir, pgpass=pgpass,
+        socket_dir=socket_dir, ca_file=ca_file, cert_file=cert_file, key_file=key_file, hba=hba.rstrip("\n"))
+
+
+def secrets_environment(passwords: dict) -> dict[str, str]:
+    """The node's passwords, as Patroni reads them from its environment."""
+    return {f"PATRONI_{role.upper()}_PASSWORD": passwords[role] for role in ("superuser", "replication", "rewind")}
+
+
 def write_node_config(node: dict, etcd_url: str, network: Network, files: Credentials, passwords: dict) -> None:
-    """deploy/patroni.yml for `node`, mode 600, owned by the user Patroni runs as."""
+    """deploy/patroni.yml for `node`, and its passwords in a file of their own (mode 600),
+    both owned by the user Patroni runs as."""
     name = node["name"]
     run_dir = folder() / f"{name}-run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
     shutil.chown(run_dir, RUN_AS)
-    text = Template((DEPLOY_DIR / "patroni.yml").read_text()).substitute(
-        name=name, address=node["address"], etcd=etcd_url.removeprefix("http://"), data_dir=node["data_dir"],
-        bin_dir=bin_dir(), pgpass=folder() / f"{name}.pgpass", socket_dir=run_dir, ca_file=files.ca_cert,
-        cert_file=files.cert(name), key_file=files.key(name), db_network=f"{network.bridge_address('db')}/24",
-        superuser_password=passwords["superuser"], replication_password=passwords["replication"],
-        rewind_password=passwords["rewind"])
+    text = patroni_config(name, node["address"], [etcd_url.removeprefix("http://")], node["data_dir"], str(bin_dir()),
+                          str(folder() / f"{name}.pgpass"), str(run_dir), str(files.ca_cert), str(files.cert(name)),
+                          str(files.key(name)), [f"{network.bridge_address('db')}/24"])
     credentials.write_private(Path(node["config"]), text, RUN_AS)
+    credentials.write_private(Path(node["secrets"]), units.environment_text(secrets_environment(passwords)), RUN_AS)
 
 
 def run_node(state: dict, node: dict) -> None:
-    """Patroni for `node` in its namespace, as RUN_AS (setpriv execs: the PID is Patroni's)."""
+    """Patroni for `node` in its namespace, as RUN_AS (setpriv execs: the PID is Patroni's),
+    its passwords in its environment, read from the node's file."""
     command = ["ip", "netns", "exec", node["namespace"], "setpriv", f"--reuid={RUN_AS}", f"--regid={RUN_AS}",
-               "--init-groups", "--reset-env", program("patroni", PACKAGES), node["config"]]
-    node["patroni_pid"] = spawn(command, f"{node['name']}.log")
+               "--init-groups", program("patroni", PACKAGES), node["config"]]
+    env = {"HOME": str(folder()), "USER": RUN_AS, "LOGNAME": RUN_AS,
+           **units.environment_file(Path(node["secrets"]).read_text())}
+    node["patroni_pid"] = spawn(command, f"{node['name']}.log", env)
     save_state(state)
 
 
@@ -165,15 +190,11 @@ def start_haproxy(state: dict) -> None:
     executable = program("haproxy")
     ha = state["ha"]
     admin_socket = CLUSTER_DIR / "haproxy-postgres.sock"
-    lines = "".join(f"    server {node['name']} {node['address']}:{POSTGRES_PORT} check port {PATRONI_PORT}\n"
-                    for node in ha["nodes"])
     config = CLUSTER_DIR / "haproxy-postgres.cfg"
-    config.write_text(Template((DEPLOY_DIR / "haproxy-postgres.cfg").read_text()).substitute(
-        admin_socket=admin_socket, primary_bind=f"127.0.0.1:{ha['primary_port']}",
-        replicas_bind=f"127.0.0.1:{ha['replicas_port']}", servers=lines))
-    checked = subprocess.run([executable, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
-    if checked.returncode != 0:
-        raise click.ClickException(f"haproxy-postgres.cfg: {checked.stderr.strip()}")
+    config.write_text(haproxy.database_config(str(admin_socket), f"127.0.0.1:{ha['primary_port']}",
+                                              f"127.0.0.1:{ha['replicas_port']}",
+                                              [(node["name"], node["address"]) for node in ha["nodes"]], POSTGRES_PORT))
+    haproxy.check(executable, config)
     ha["haproxy"] = {"pid": spawn([executable, "-db", "-f", str(config)], "haproxy-postgres.log"),
                      "admin_socket": str(admin_socket)}
     save_state(state)
@@ -199,6 +220,56 @@ def accepts(url: URL) -> bool:
         return True
     except psycopg2.OperationalError:
         return False
+
+
+# --- the render ----------------------------------------------------------------------
+
+
+def render_node(inventory: Inventory, layout: Layout, node: DbNode) -> Rendered:
+    """A database node: Patroni (which runs PostgreSQL), its config and its passwords' file."""
+    host = Rendered(node.name)
+    pool = inventory.pgbouncer
+    tls = {name: layout.path(f"etc/patroni/tls/{name}") for name in ("ca.crt", f"{node.name}.crt", f"{node.name}.key")}
+    clients = [f"{other.address}/{other.address.max_prefixlen}" for other in (*inventory.db_nodes, pool)]
+    clients += [str(network) for network in inventory.database_clients]
+    config = "etc/patroni/config.yml"
+    host.add(config, patroni_config(
+        node.name, str(node.address), [host_port(member.address, member.client_port) for member in inventory.etcd],
+        layout.path(f"var/lib/postgresql/{inventory.postgres_version}/greenflask"),
+        f"/usr/lib/postgresql/{inventory.postgres_version}/bin", layout.path("var/lib/postgresql/patroni.pgpass"),
+        layout.path("run/postgresql"), tls["ca.crt"], tls[f"{node.name}.crt"], tls[f"{node.name}.key"], clients))
+    secrets = layout.path("etc/patroni/secrets.env")
+    host.add_unit("patroni.service", units.unit("Patroni: PostgreSQL of greenflask, with failover", [
+        ("Type", "simple"), ("User", RUN_AS), ("Group", RUN_AS),
+        ("EnvironmentFile", secrets),
+        ("ExecStart", f"/usr/bin/patroni {layout.path(config)}"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        # Patroni stops PostgreSQL itself; killing only Patroni lets it do so cleanly.
+        ("KillMode", "process"), ("TimeoutStopSec", "60"), ("Restart", "on-failure"),
+        ("RuntimeDirectory", "postgresql"), ("RuntimeDirectoryPreserve", "yes"), *units.BASELINE],
+        after=("network-online.target", "etcd.service")))
+    host.needs += [
+        Need(secrets, "PATRONI_SUPERUSER_PASSWORD, PATRONI_REPLICATION_PASSWORD and PATRONI_REWIND_PASSWORD "
+                      "(the same on every node)", owner=RUN_AS),
+        Need(tls["ca.crt"], "the cluster's CA certificate (ca.crt)", 0o644, RUN_AS),
+        Need(tls[f"{node.name}.crt"], f"its certificate, naming {node.address} and {pool.address}", 0o644, RUN_AS),
+        Need(tls[f"{node.name}.key"], "its certificate's key", owner=RUN_AS),
+    ]
+    return host
+
+
+def render_etcd(inventory: Inventory, layout: Layout, member: Etcd) -> Rendered:
+    """One etcd member, its configuration in an environment file."""
+    host = Rendered(member.name)
+    members = {other.name: f"http://{host_port(other.address, other.peer_port)}" for other in inventory.etcd}
+    env_file = "etc/etcd/greenflask.env"
+    host.add(env_file, units.environment_text(etcd_environment(
+        member.name, layout.path("var/lib/etcd/greenflask"), f"http://{host_port(member.address, member.client_port)}",
+        members[member.name], members)))
+    host.add_unit("etcd.service", units.unit("etcd: where Patroni keeps greenflask's leader key", [
+        ("Type", "notify"), ("User", "etcd"), ("EnvironmentFile", layout.path(env_file)),
+        ("ExecStart", "/usr/bin/etcd"), ("Restart", "on-failure"), ("LimitNOFILE", "65536"), *units.BASELINE]))
+    return host
 
 
 # --- what runs -----------------------------------------------------------------------

@@ -1,5 +1,8 @@
-"""PgBouncer's pools for Prometheus: `python -m deploy.pgbouncer_exporter --listen ADDRESS:PORT`
-(`up --monitoring` starts it; it reads the cluster's state file for where PgBouncer is).
+"""PgBouncer's pools for Prometheus:
+
+    python -m deploy.pgbouncer_exporter --listen ADDRESS:PORT --pgbouncer HOST:PORT --passfile FILE --ca FILE
+
+(`up --monitoring` starts it, and the render makes a unit of it on PgBouncer's host).
 
 Written here, small, because neither packaged exporter runs: Debian's
 prometheus-pgbouncer-exporter (1.7) fails every scrape against PgBouncer 1.18
@@ -16,8 +19,8 @@ import psycopg2
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from deploy.cluster import pgbouncer_admin
-from deploy.runtime import load_state
+from deploy.credentials import ADMIN_USER
+from deploy.pgbouncer import admin
 
 # SHOW POOLS column -> (metric, help)
 POOL_COLUMNS = {
@@ -38,7 +41,7 @@ class PoolsCollector:
     def collect(self):
         up = GaugeMetricFamily("pgbouncer_up", "1 when PgBouncer's admin console answered this scrape")
         try:
-            rows = [row for row in pgbouncer_admin(self.pgbouncer, "SHOW POOLS") if row["database"] != "pgbouncer"]
+            rows = [row for row in admin(self.pgbouncer, "SHOW POOLS") if row["database"] != "pgbouncer"]
         except psycopg2.Error:
             up.add_metric([], 0)
             yield up
@@ -57,15 +60,16 @@ class PoolsCollector:
 
 @click.command()
 @click.option("--listen", required=True, help="ADDRESS:PORT to serve /metrics on.")
-def main(listen: str) -> None:
-    """Serve PgBouncer's pools of the running cluster until stopped."""
-    state = load_state()
-    if not state or not state.get("pgbouncer"):
-        raise click.ClickException("no cluster with PgBouncer is up")
+@click.option("--pgbouncer", "address", required=True, help="PgBouncer's ADDRESS:PORT.")
+@click.option("--passfile", required=True, help=f"A libpq passfile with {ADMIN_USER}'s password.")
+@click.option("--ca", required=True, help="The CA certificate PgBouncer's is verified against.")
+def main(listen: str, address: str, passfile: str, ca: str) -> None:
+    """Serve PgBouncer's pools until stopped."""
     registry = CollectorRegistry()
-    registry.register(PoolsCollector(state["pgbouncer"]))
-    address, port = listen.rsplit(":", 1)
-    start_http_server(int(port), address, registry)
+    registry.register(PoolsCollector({"address": address, "admin_user": ADMIN_USER, "admin_passfile": passfile,
+                                      "ca": ca}))
+    host, port = listen.rsplit(":", 1)
+    start_http_server(int(port), host.strip("[]"), registry)
     while True:
         time.sleep(3600)
 

@@ -28,7 +28,8 @@ from conftest import (
     writes,
 )
 
-from deploy.cluster import haproxy_servers, pgbouncer_admin
+from deploy.haproxy import server_rows as haproxy_servers
+from deploy.pgbouncer import admin as pgbouncer_admin
 from greenflask import PROJECT_DIR, embedded, servers
 from greenflask.settings import Settings
 

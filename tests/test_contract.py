@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 
 import views
 from app import create_app
-from deploy.cluster import DEPLOY_DIR
+from deploy.runtime import DEPLOY_DIR
 
 ROOT = Path(__file__).resolve().parent
 SCHEMATHESIS = [str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "schemathesis.toml")]

@@ -15,7 +15,8 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "fasteners": "fasteners", "prometheus_client": "prometheus_client", "rich": "rich", "pytest": "pytest",
              "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
              "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography",
-             "alembic": "alembic", "openapi_spec_validator": "openapi-spec-validator", "uvloop": "uvloop"}
+             "alembic": "alembic", "openapi_spec_validator": "openapi-spec-validator", "uvloop": "uvloop",
+             "pydantic": "pydantic"}
 OWN = TOP_MODULES | {"greenflask", "loadtester", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
@@ -44,6 +45,21 @@ def test_the_load_tester_is_a_command_line_over_its_package():
     """loadtest.py keeps the command line; tests and bench/ import the package, not the script."""
     assert len((ROOT / "loadtest.py").read_text().splitlines()) <= 250
     importers = [str(path.relative_to(ROOT)) for path in python_files() if "loadtest" in imported(path)]
+    assert not importers, importers
+
+
+def test_nothing_imports_the_cluster_command():
+    """deploy/cluster.py is commands only: its parts are modules of their own, which the render shares."""
+    def imports_cluster(node) -> bool:
+        if isinstance(node, ast.Import):
+            return any(alias.name == "deploy.cluster" for alias in node.names)
+        if isinstance(node, ast.ImportFrom):
+            return node.module == "deploy.cluster" or (node.module == "deploy"
+                                                       and any(alias.name == "cluster" for alias in node.names))
+        return False
+
+    importers = [str(path.relative_to(ROOT)) for path in python_files()
+                 if any(imports_cluster(node) for node in ast.walk(ast.parse(path.read_text())))]
     assert not importers, importers
 
 

@@ -17,9 +17,11 @@ from conftest import assert_error, burst
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from deploy import cluster, credentials
+from deploy import credentials
+from deploy import pgbouncer as pgbouncer_part
 from deploy.credentials import Credentials
 from greenflask import PROJECT_DIR, embedded, servers
+from greenflask.settings import Settings
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 DATABASE = "greenflask_pgbouncer"
@@ -46,14 +48,15 @@ def pgbouncer(database_url):
     folder.chmod(0o755)
     port = servers.free_port()
     server = server_url.set(database=DATABASE)
-    run_as = cluster.run_as_user(server)
+    run_as = pgbouncer_part.run_as_user(server)
     # As the cluster does it: the app's role, SCRAM secrets, a certificate for 127.0.0.1, and
     # deploy/pgbouncer.ini, the cluster's own template, with a pool of 10 on 127.0.0.1.
     files = Credentials(folder)
-    app, secret = cluster.make_app_role(server, files)
+    app, secret = pgbouncer_part.make_app_role(server, files)
     credentials.make_certificates(files, {"pgbouncer": ["127.0.0.1"]}, run_as)
-    cluster.write_pgbouncer_secrets(files, app, secret, run_as)
-    (folder / "pgbouncer.ini").write_text(cluster.pgbouncer_config(app, "127.0.0.1", port, POOL_SIZE, 500, files))
+    pgbouncer_part.write_pgbouncer_secrets(files, app, secret, run_as)
+    (folder / "pgbouncer.ini").write_text(pgbouncer_part.cluster_config(
+        app, "127.0.0.1", port, POOL_SIZE, 500, files, Settings.from_env().statement_timeout_ms))
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if run_as:
         command[1:1] = ["-u", run_as]

@@ -19,7 +19,8 @@ import pytest
 from conftest import cluster_environment, cluster_marks, cluster_status, cluster_up, run_cluster
 
 from deploy import credentials
-from deploy.cluster import APP_PORT, haproxy_servers
+from deploy.apphosts import PORT as APP_PORT
+from deploy.haproxy import server_rows as haproxy_servers
 
 pytestmark = cluster_marks("pgbouncer", "haproxy")
 SMUGGLED_TITLE = "smuggled past the balancer"

@@ -1,0 +1,228 @@
+"""PgBouncer in front of PostgreSQL (deploy/pgbouncer.ini): its config for the render and the
+cluster, its secrets (SCRAM secrets in auth_file, never a password), its admin console.
+"""
+
+import os
+import pwd
+import shutil
+from pathlib import Path
+from string import Template
+
+import click
+from sqlalchemy.engine import URL
+
+from deploy import credentials, units
+from deploy.credentials import ADMIN_USER, APP_ROLE, Credentials
+from deploy.haproxy import host_port, render_database_router
+from deploy.inventory import Inventory
+from deploy.layout import Layout, Need, Rendered
+from deploy.network import Network
+from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, log_tail, program, save_state, spawn, wait_for
+from greenflask import servers, sizing
+
+EXECUTABLE = "/usr/sbin/pgbouncer"
+PORT = 6432
+RUN_AS = "postgres"  # Debian's pgbouncer package runs it as postgres too
+CA = "the cluster's CA certificate (ca.crt)"
+
+
+def config(databases: list[str], listen_addr: str, listen_port: int, auth_file: str, cert_file: str, key_file: str,
+           ca_file: str, server_tls_sslmode: str, statement_timeout_ms: int, pool_size: int, max_client_conn: int,
+           unix_socket_dir: str) -> str:
+    """deploy/pgbouncer.ini with these values. A client waits for a server connection at most
+    half the statement bound (1..30 s): "no server" answers 503, never the statement's 504."""
+    return Template((DEPLOY_DIR / "pgbouncer.ini").read_text()).substitute(
+        databases="\n".join(databases), listen_addr=listen_addr, listen_port=listen_port, auth_file=auth_file,
+        admin_user=ADMIN_USER, tls_cert_file=cert_file, tls_key_file=key_file,
+        server_tls_sslmode=server_tls_sslmode, ca_file=ca_file,
+        query_wait_timeout=max(1, min(30, statement_timeout_ms // 2000)), pool_size=pool_size,
+        max_client_conn=max_client_conn, unix_socket_dir=unix_socket_dir)
+
+
+def render(inventory: Inventory, layout: Layout) -> Rendered:
+    """PgBouncer's host: PgBouncer, its exporter, and with db_nodes the database's HAProxy."""
+    pool, app = inventory.pgbouncer, inventory.app
+    host = Rendered(pool.name)
+    if inventory.db_nodes:
+        databases = [f"greenflask = host={pool.address} port={pool.primary_port} dbname=greenflask",
+                     f"greenflask_replica = host={pool.address} port={pool.replicas_port} dbname=greenflask"]
+        server_tls = "verify-full"
+        render_database_router(inventory, layout, host)
+    else:
+        server = inventory.postgres
+        databases = [f"greenflask = host={server.address} port={server.port} dbname={server.database}"]
+        server_tls = "disable" if server.address.is_loopback else "verify-full"
+    reads_apart = bool(inventory.db_nodes)
+    workers = sum(app_host.workers for app_host in inventory.app_hosts)
+    clients = sizing.app_connections(1, workers, app.pool_size, app.max_overflow) * (2 if reads_apart else 1)
+    paths = {name: layout.path(f"etc/pgbouncer/{name}") for name in
+             ("userlist.txt", "tls/pgbouncer.crt", "tls/pgbouncer.key", "tls/ca.crt", "admin.pgpass")}
+    ini = "etc/pgbouncer/pgbouncer.ini"
+    host.add(ini, config(databases, str(pool.address), pool.port, paths["userlist.txt"], paths["tls/pgbouncer.crt"],
+                         paths["tls/pgbouncer.key"], paths["tls/ca.crt"], server_tls, app.statement_timeout_ms,
+                         pool.pool_size, clients + 20, layout.path("run/pgbouncer")))
+    host.add_unit("pgbouncer.service", units.unit("PgBouncer for the greenflask app hosts", [
+        ("Type", "notify"), ("User", RUN_AS), ("Group", RUN_AS),
+        ("ExecStart", f"{EXECUTABLE} {layout.path(ini)}"),
+        # HUP re-reads the ini; SIGINT is PgBouncer's own safe shutdown (it waits for the clients).
+        ("ExecReload", "/bin/kill -HUP $MAINPID"), ("KillSignal", "SIGINT"),
+        ("RuntimeDirectory", "pgbouncer"), ("LimitNOFILE", "65536"), ("Restart", "always"), *units.BASELINE]))
+    host.add_unit("greenflask-pgbouncer-exporter.service", units.unit(
+        "PgBouncer's pools for Prometheus (deploy/pgbouncer_exporter.py)", [
+            ("User", RUN_AS), ("WorkingDirectory", str(layout.prefix)),
+            ("ExecStart", f"{layout.python} -m deploy.pgbouncer_exporter "
+                          f"--listen {host_port(pool.address, pool.exporter_port)} "
+                          f"--pgbouncer {host_port(pool.address, pool.port)} --passfile {paths['admin.pgpass']} "
+                          f"--ca {paths['tls/ca.crt']}"),
+            ("Restart", "always"), *units.BASELINE], after=("pgbouncer.service",)))
+    host.needs += [
+        Need(paths["userlist.txt"], f'its auth_file: "{APP_ROLE}" and "{ADMIN_USER}" with their SCRAM secrets',
+             owner=RUN_AS),
+        Need(paths["tls/pgbouncer.crt"], f"its certificate, naming {pool.address}", 0o644, RUN_AS),
+        Need(paths["tls/pgbouncer.key"], "its certificate's key", owner=RUN_AS),
+        Need(paths["tls/ca.crt"], CA, 0o644, RUN_AS),
+        Need(paths["admin.pgpass"], f"a passfile of {ADMIN_USER}, for the exporter", owner=RUN_AS),
+    ]
+    return host
+
+
+# --- the cluster's PgBouncer ----------------------------------------------------------------
+
+
+def run_as_user(server: URL) -> str | None:
+    """Who PgBouncer runs as (and owns its key and auth_file). It refuses to run as root: as
+    root, on a unix socket (the embedded server) the socket's owner, so that it may connect,
+    otherwise `postgres` or `nobody`; not root, None: it runs as we do."""
+    if os.geteuid() != 0:
+        return None
+    socket_dir = server.query.get("host")
+    if socket_dir:
+        return pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        return "nobody"
+
+
+def database_line(name: str, server: URL) -> str:
+    """One line of [databases]: `name` is the database PgBouncer's clients ask for."""
+    host = server.query.get("host") or server.host or "127.0.0.1"
+    return f"{name} = host={host} port={server.port or 5432} dbname={server.database}"
+
+
+def cluster_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
+                   files: Credentials, statement_timeout_ms: int, replica: URL | None = None,
+                   socket_dir: Path | None = None, server_tls: bool = False) -> str:
+    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online
+    restart; `server_tls`: PostgreSQL is across a network (--ha), verify its certificate."""
+    databases = [database_line(server.database, server)]
+    if replica is not None:
+        databases.append(database_line(replica_database(server), replica))
+    return config(databases, listen_addr, listen_port, str(files.auth_file), str(files.cert("pgbouncer")),
+                  str(files.key("pgbouncer")), str(files.ca_cert), "verify-full" if server_tls else "disable",
+                  statement_timeout_ms, pool_size, max_client_conn, str(socket_dir or ""))
+
+
+def replica_database(server: URL) -> str:
+    return f"{server.database}_replica"
+
+
+def make_app_role(server: URL, files: Credentials) -> tuple[URL, str]:
+    """The app's own role with a new password (deploy/credentials.py) on the database of
+    `server` (a superuser's URL), its passfile; the URL the app connects with (no password
+    in it) and the role's SCRAM secret."""
+    files.make_folders()
+    password = credentials.new_password()
+    secret = credentials.make_app_role(libpq_dsn(server), password)
+    credentials.write_private(files.app_passfile, credentials.passfile(APP_ROLE, password))
+    return server.set(username=APP_ROLE, password=None).difference_update_query(["passfile"]), secret
+
+
+def libpq_dsn(server: URL) -> str:
+    """`server` as a libpq connection string (its query's parameters, e.g. passfile, kept)."""
+    return server.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, run_as: str | None) -> None:
+    """PgBouncer's auth_file (the app role's SCRAM secret, and its admin user's) and the
+    admin's passfile; its files (and its key, made before) readable by `run_as`."""
+    admin_password = credentials.new_password()
+    # libpq computes the secret on this side, over any connection: the app's own.
+    app = libpq_dsn(server.update_query_dict({"passfile": str(files.app_passfile)}))
+    admin_secret = credentials.scram_secret(app, ADMIN_USER, admin_password)
+    credentials.write_private(files.admin_passfile, credentials.passfile(ADMIN_USER, admin_password))
+    credentials.write_private(files.auth_file, f'"{APP_ROLE}" "{app_secret}"\n"{ADMIN_USER}" "{admin_secret}"\n',
+                              run_as)
+
+
+def start(state: dict, server: URL, app_secret: str, network: Network, pool_size: int, clients: int,
+          replica: URL | None, statement_timeout_ms: int, server_tls: bool = False) -> URL:
+    """PgBouncer in transaction mode for the database (and its replica), SCRAM and TLS
+    required from its clients; the URL the hosts connect to (the app's role, verify-full)."""
+    executable = program("pgbouncer")
+    address = network.pgbouncer_address()
+    port = PORT if network.namespaces else servers.free_port()
+    files = Credentials(CLUSTER_DIR)
+    run_as = run_as_user(server)
+    write_pgbouncer_secrets(files, server, app_secret, run_as)
+    ini = CLUSTER_DIR / "pgbouncer.ini"
+    socket_dir = CLUSTER_DIR / "pgbouncer-run"
+    socket_dir.mkdir(mode=0o700, exist_ok=True)
+    ini.write_text(cluster_config(server, address, port, pool_size, clients + 20, files, statement_timeout_ms,
+                                  replica, socket_dir, server_tls))
+    ini.chmod(0o644)
+    command = [executable, str(ini)]
+    if run_as:
+        shutil.chown(socket_dir, run_as)
+        command[1:1] = ["-u", run_as]
+    state["pgbouncer"] = {"pid": None, "address": f"{address}:{port}", "pool_size": pool_size, "command": command,
+                          "admin_user": ADMIN_USER, "admin_passfile": str(files.admin_passfile),
+                          "ca": str(files.ca_cert)}
+    run(state)
+    return server.set(host=address, port=port,
+                      query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert)})
+
+
+def run(state: dict) -> None:
+    """Start PgBouncer with its recorded command; return once it listens."""
+    pgbouncer = state["pgbouncer"]
+    pgbouncer["pid"] = pid = spawn(pgbouncer["command"], "pgbouncer.log")
+    save_state(state)
+    address, port = pgbouncer["address"].rsplit(":", 1)
+    wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
+    if not servers.is_alive(pid):
+        raise click.ClickException(f"PgBouncer exited: {log_tail('pgbouncer.log')}")
+
+
+def restart_online(state: dict) -> None:
+    """A new PgBouncer process (its binary and config as they are now) with `-R`: it asks the
+    running one, over its unix socket, for the listening socket and every client and server
+    connection, which the old one hands over before it exits."""
+    pgbouncer = state["pgbouncer"]
+    old_pid = pgbouncer["pid"]
+    command = [pgbouncer["command"][0], "-R", *pgbouncer["command"][1:]]
+    pgbouncer["pid"] = pid = spawn(command, "pgbouncer.log")
+    save_state(state)
+    wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
+    if not servers.is_alive(pid):
+        raise click.ClickException(f"PgBouncer -R exited: {log_tail('pgbouncer.log')}")
+
+
+def admin(pgbouncer: dict, command: str) -> list[dict]:
+    """One command on PgBouncer's admin console (the `pgbouncer` database); its rows, if any."""
+    import psycopg2
+
+    address, port = pgbouncer["address"].rsplit(":", 1)
+    connection = psycopg2.connect(host=address, port=port, dbname="pgbouncer", user=pgbouncer["admin_user"],
+                                  passfile=pgbouncer["admin_passfile"], sslmode="verify-full",
+                                  sslrootcert=pgbouncer["ca"], connect_timeout=5)
+    try:
+        connection.autocommit = True  # the console takes no BEGIN
+        with connection.cursor() as cursor:
+            cursor.execute(command)
+            if cursor.description is None:
+                return []
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        connection.close()
