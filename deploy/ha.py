@@ -21,6 +21,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -176,12 +177,18 @@ def write_node_config(node: dict, etcd_url: str, network: Network, files: Creden
 
 def run_node(state: dict, node: dict) -> None:
     """Patroni for `node` in its namespace, as RUN_AS (setpriv execs: the PID is Patroni's),
-    its passwords in its environment, read from the node's file."""
+    its passwords in its environment, read from the node's file; its config checked first
+    by `patroni --validate-config`, which wants etcd up and the node's ports free."""
     command = ["ip", "netns", "exec", node["namespace"], "setpriv", f"--reuid={RUN_AS}", f"--regid={RUN_AS}",
-               "--init-groups", program("patroni", PACKAGES), node["config"]]
-    env = {"HOME": str(folder()), "USER": RUN_AS, "LOGNAME": RUN_AS,
+               "--init-groups", program("patroni", PACKAGES)]
+    env = {**os.environ, "HOME": str(folder()), "USER": RUN_AS, "LOGNAME": RUN_AS,
            **units.environment_file(Path(node["secrets"]).read_text())}
-    node["patroni_pid"] = spawn(command, f"{node['name']}.log", env)
+    checked = subprocess.run([*command, "--validate-config", node["config"]], env=env, capture_output=True,
+                             text=True, timeout=60)
+    if checked.returncode != 0:
+        raise click.ClickException(f"{node['config']}: {(checked.stdout + checked.stderr).strip()[-1000:]}")
+    node["validated"] = "patroni --validate-config: ok"
+    node["patroni_pid"] = spawn([*command, node["config"]], f"{node['name']}.log", env)
     save_state(state)
 
 
@@ -325,7 +332,7 @@ def report(state: dict) -> dict:
         nodes.append({"name": node["name"], "address": node["address"], "role": member.get("role", "down"),
                       "state": member.get("state", "stopped"), "postgres_pid": postgres_pid(node),
                       "patroni_pid": node["patroni_pid"] if servers.is_alive(node["patroni_pid"]) else None,
-                      "lag": member.get("lag")})
+                      "lag": member.get("lag"), "validated": node.get("validated")})
     leader = next((node["name"] for node in nodes if node["role"] == "leader" and node["state"] == "running"), None)
     return {"primary": leader, "db_nodes": nodes,
             "etcd": {**state["ha"]["etcd"], "running": servers.is_alive(state["ha"]["etcd"]["pid"])}}

@@ -8,12 +8,14 @@ row is read back from the primary afterwards.
 """
 
 import contextlib
+import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import psycopg2
 import pytest
+import yaml
 from conftest import (
     WRITES_PER_SECOND,
     cluster_environment,
@@ -165,3 +167,16 @@ def test_migrations_go_to_the_primary(cluster):
     migrated = run_cluster(env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stdout.startswith("schema: alembic upgrade head from ") and "already there" in migrated.stdout
+
+
+def test_patroni_validated_each_node_config_before_it_ran(cluster):
+    """`patroni --validate-config` of each node's config (written by the same code as the
+    render's, deploy/ha.py) in the node's namespace, as postgres, with etcd up: `up` and
+    `start` run it before each Patroni, and stop at a config it refuses."""
+    env, _ = cluster
+    report = cluster_status(env)
+    assert [node["validated"] for node in report["db_nodes"]] == ["patroni --validate-config: ok"] * 3
+    state = json.loads((Path(env["CLUSTER_DIR"]) / "state.json").read_text())
+    for node in state["ha"]["nodes"]:  # its passwords are in its environment, not its config
+        users = yaml.safe_load(Path(node["config"]).read_text())["postgresql"]["authentication"]
+        assert not any("password" in user for user in users.values()), node["config"]
