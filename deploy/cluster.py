@@ -34,7 +34,9 @@ Every host runs `gunicorn app:app -k gevent -w W` with this environment's DB_* s
 hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
 `--ha` replaces the single PostgreSQL with nodes run by Patroni (deploy/ha.py): PgBouncer
 sends writes to the primary and reads to the replicas through a HAProxy that asks Patroni.
-What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
+`up` writes these hosts as an inventory and renders it (deploy/localhosts.py, the same
+render as real hosts get): HAProxy, the app hosts, PgBouncer and the database's HAProxy
+run their rendered units. What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
 its PID and removes the namespaces and links, also after an `up` that failed half-way.
 CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
 `up` removes the namespaces and bridges of its CLUSTER_NET that a cluster killed before
@@ -51,7 +53,7 @@ from pathlib import Path
 import click
 from sqlalchemy.engine import make_url
 
-from deploy import apphosts, credentials, ha, haproxy, monitoring, pgbouncer, postgres
+from deploy import apphosts, credentials, ha, haproxy, localhosts, monitoring, pgbouncer, postgres
 from deploy.credentials import APP_ROLE, Credentials
 from deploy.network import (
     Network,
@@ -63,8 +65,8 @@ from deploy.network import (
     remove_stale_network,
 )
 from deploy.rollout import longest_request_seconds, replace_host
-from deploy.runtime import CLUSTER_DIR, CLUSTER_NET, load_state, program, save_state, state_path, wait_for
-from greenflask import PROJECT_DIR, embedded, servers, sizing
+from deploy.runtime import CLUSTER_DIR, CLUSTER_NET, State, load_state, program, save_state, state_path, wait_for
+from greenflask import PROJECT_DIR, embedded, servers
 from greenflask.settings import Settings
 
 # --- commands ------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, w
     click.echo(state["haproxy"]["url"])
 
 
-def _bring_up(state: dict, settings: Settings, network: Network, hosts: int, workers: int, port: int,
+def _bring_up(state: State, settings: Settings, network: Network, hosts: int, workers: int, port: int,
               pgbouncer_pool: int, direct: bool, replica: bool, db_nodes: int) -> None:
     if network.namespaces:
         click.echo(f"network: hosts in namespaces {network.namespace(1)}..{hosts}, front {network.net}.1.0/24, "
@@ -158,52 +160,61 @@ def _bring_up(state: dict, settings: Settings, network: Network, hosts: int, wor
     files = Credentials(CLUSTER_DIR)
     files.make_folders()
     tls_names = {"pgbouncer": [network.pgbouncer_address()]}
+    metrics_dirs = [str(apphosts.metrics_folder(network, number)) for number in range(1, hosts + 1)]
+
+    def render(server, replica_url) -> tuple:
+        """This cluster as an inventory, rendered (deploy/localhosts.py)."""
+        inventory = localhosts.inventory(settings, network, port, hosts, workers, pgbouncer_pool, server, replica_url,
+                                         not direct, db_nodes, metrics_dirs, ha.postgres_version() if db_nodes else 15)
+        rendered = localhosts.write(inventory, Path(state["release"]))
+        state["rendered"] = str(localhosts.folder())
+        save_state(state)
+        return inventory, rendered
+
     if db_nodes:
         credentials.make_certificates(files, {**tls_names, **ha.certificate_names(network, db_nodes)}, ha.RUN_AS)
-        superuser = ha.start(state, network, db_nodes, files)
+        inventory, rendered = render(None, None)
+        localhosts.install_needs(rendered, files)
+        superuser = ha.start(state, network, db_nodes, files, inventory.pgbouncer,
+                             localhosts.unit(localhosts.POOL, "haproxy-postgres.service"))
         database_url = make_url(embedded.ensure_database(superuser.render_as_string(hide_password=False),
                                                          embedded.DATABASE))
         click.echo(f"PostgreSQL: {db_nodes} nodes run by Patroni (etcd {state['ha']['etcd']['url']}), primary "
-                   f"{ha.primary(state)}, synchronous replication; HAProxy 127.0.0.1:{state['ha']['primary_port']} "
-                   f"(primary), :{state['ha']['replicas_port']} (replicas)")
-        replica_url = database_url.set(port=state["ha"]["replicas_port"])
+                   f"{ha.primary(state)}, synchronous replication; HAProxy {state['ha']['router']}:"
+                   f"{state['ha']['primary_port']} (primary), :{state['ha']['replicas_port']} (replicas)")
     else:
         database_url = postgres.start(state, settings.database_url)
         click.echo(f"PostgreSQL: {state['postgres']['url']}")
         if not direct:
             credentials.make_certificates(files, tls_names, pgbouncer.run_as_user(database_url))
     postgres.seed(Path(state["release"]), database_url, pgbouncer=not direct)
+    replica_url = None
     if replica:
         replica_url = postgres.start_replica(state, database_url)
         click.echo(f"replica: {state['replica']['pgdata']} (streaming from the primary), pid {state['replica']['pid']}")
-    elif not db_nodes:
-        replica_url = None
     app_url, app_secret = pgbouncer.make_app_role(database_url, files)
     if db_nodes:
         ha.wait_until_replicated(state)
+    else:
+        inventory, rendered = render(app_url if direct else database_url, replica_url)
     state["passfile"] = str(files.app_passfile)
     save_state(state)
     click.echo(f"app role: {APP_ROLE}, its password in {state['passfile']} (mode 600)")
-    # With a replica (or --ha's replicas) every worker has two pools, one to each database.
-    reads_apart = replica_url is not None
-    per_pool = sizing.app_connections(hosts, workers, settings.pool_size, settings.max_overflow)
-    clients = per_pool * (2 if reads_apart else 1)
-    read_url = None
-    if direct:
-        database_url = app_url
-    else:
-        database_url = pgbouncer.start(state, app_url, app_secret, network, pgbouncer_pool, clients, replica_url,
-                                       settings.statement_timeout_ms, server_tls=bool(db_nodes))
+    if not direct:
+        pgbouncer.write_pgbouncer_secrets(files, app_url, app_secret, inventory.pgbouncer.user)
+    localhosts.install_needs(rendered, files)
+    click.echo(f"rendered: {state['rendered']} (the inventory of these hosts, one folder each)")
+    if not direct:
+        pgbouncer.start(state, inventory.pgbouncer, localhosts.unit(localhosts.POOL, "pgbouncer.service"), files)
         click.echo(f"PgBouncer: {state['pgbouncer']['address']} (transaction mode, {pgbouncer_pool} server "
-                   f"connections for {clients} app connections; SCRAM and TLS required)")
-        if reads_apart:
-            read_url = database_url.set(database=pgbouncer.replica_database(database_url))
+                   "connections; SCRAM and TLS required)")
     for number in range(1, hosts + 1):
-        apphosts.start(state, network, number, workers, database_url, not direct, read_url)
+        apphosts.start(state, network, number, localhosts.unit(f"host{number}", "greenflask.service"))
     for host in state["hosts"]:
         wait_for(lambda host=host: apphosts.is_healthy(host), f"{host['name']} ({apphosts.url(host)})", within=60)
         click.echo(f"{host['name']}: {apphosts.url(host)} gunicorn pid {host['gunicorn_pid']}")
-    haproxy.start_balancer(state, port, settings.max_body_bytes)
+    haproxy.start_balancer(state, inventory.balancer, localhosts.unit(localhosts.BALANCER, "haproxy.service"),
+                           localhosts.host_root(localhosts.BALANCER) / "run/haproxy/admin.sock")
     admin_socket = state["haproxy"]["admin_socket"]
     wait_for(lambda: set(haproxy.server_states(admin_socket).values()) == {"UP"}, "HAProxy")
     click.echo(f"HAProxy: pid {state['haproxy']['pid']}, every host UP")
@@ -219,6 +230,7 @@ def status(as_json: bool) -> None:
     states = haproxy.server_states(state["haproxy"]["admin_socket"]) if state.get("haproxy") else {}
     report = {
         "passfile": state.get("passfile"),
+        "rendered": state.get("rendered"),
         "hosts": [{"name": host["name"], "address": host["address"], "gunicorn_pid": host["gunicorn_pid"],
                    "healthy": apphosts.is_healthy(host), "haproxy": states.get(host["name"]),
                    "release": host.get("release")} for host in state["hosts"]],
@@ -336,7 +348,7 @@ def restart(part: str) -> None:
         raise click.ClickException("no cluster with PgBouncer is up")
     started = time.monotonic()
     if part == "pgbouncer":
-        pgbouncer.restart_online(state)
+        pgbouncer.run(state, online=True)
     else:
         if not state["postgres"]["embedded"]:
             raise click.ClickException("PostgreSQL is DATABASE_URL's server: restart it with its own tools")
@@ -414,7 +426,7 @@ def down() -> None:
     click.echo("cluster down")
 
 
-def _tear_down(state: dict) -> None:
+def _tear_down(state: State) -> None:
     """Gracefully, front to back: HAProxy stops listening and lets its requests finish
     (SIGUSR1, its soft stop), every host finishes what it holds (SIGTERM, gunicorn's
     graceful_timeout), then PgBouncer and PostgreSQL."""
@@ -443,6 +455,7 @@ def _tear_down(state: dict) -> None:
     if state.get("ha"):
         ha.stop_all(state)
     Credentials(CLUSTER_DIR).remove()
+    shutil.rmtree(localhosts.folder(), ignore_errors=True)
     if state["namespaces"]:
         remove_network(Network(state["net"], namespaces=True), state["planned_hosts"],
                        state.get("planned_db_nodes", 0))

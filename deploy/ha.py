@@ -1,8 +1,8 @@
 """PostgreSQL that can lose its primary and no acknowledged write (`up --ha`): etcd, Patroni
 and HAProxy, the field's standard recipe.
 
-    PgBouncer -> HAProxy 127.0.0.1:PRIMARY  (asks each node's Patroni GET /primary) -> the primary
-              -> HAProxy 127.0.0.1:REPLICAS (GET /replica)                         -> the replicas
+    PgBouncer -> HAProxy POOL:PRIMARY  (asks each node's Patroni GET /primary) -> the primary
+              -> HAProxy POOL:REPLICAS (GET /replica)                         -> the replicas
     dbN: Patroni (REST API dbN:8008) running PostgreSQL dbN:5432, in a namespace of its own
     etcd on the db network's bridge: where Patroni keeps the leader key
 
@@ -34,10 +34,21 @@ from sqlalchemy.engine import URL
 from deploy import credentials, haproxy, units
 from deploy.credentials import Credentials
 from deploy.haproxy import host_port
-from deploy.inventory import DbNode, Etcd, Inventory
+from deploy.inventory import DbNode, Etcd, Inventory, PgBouncer
 from deploy.layout import Layout, Need, Rendered
 from deploy.network import Network, ip
-from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, log_tail, program, save_state, spawn, wait_for
+from deploy.runtime import (
+    CLUSTER_DIR,
+    DEPLOY_DIR,
+    NodeState,
+    State,
+    log_tail,
+    program,
+    run_unit,
+    save_state,
+    spawn,
+    wait_for,
+)
 from greenflask import servers
 
 PACKAGES = "etcd-server patroni postgresql"
@@ -71,6 +82,11 @@ def bin_dir() -> Path:
     return found[-1].parent
 
 
+def postgres_version() -> int:
+    """The major version of bin_dir()'s PostgreSQL (/usr/lib/postgresql/N/bin)."""
+    return int(bin_dir().parts[-2])
+
+
 def folder() -> Path:
     return CLUSTER_DIR / "ha"
 
@@ -80,25 +96,27 @@ def node_names(count: int) -> list[str]:
 
 
 def certificate_names(network: Network, count: int) -> dict[str, list[str]]:
-    """Each node's certificate names its own address and 127.0.0.1, where PgBouncer reaches
+    """Each node's certificate names its own address and PgBouncer's, where PgBouncer reaches
     it through HAProxy (verify-full checks the name it connected to)."""
-    return {name: [network.db_address(number), "127.0.0.1"] for number, name in enumerate(node_names(count), 1)}
+    return {name: [network.db_address(number), network.pgbouncer_address()]
+            for number, name in enumerate(node_names(count), 1)}
 
 
 # --- start ---------------------------------------------------------------------------
 
 
-def start(state: dict, network: Network, count: int, files: Credentials) -> URL:
-    """etcd, `count` Patroni nodes and their HAProxy; returns, once a primary serves, the
-    superuser's URL of the `postgres` database through HAProxy's primary port."""
+def start(state: State, network: Network, count: int, files: Credentials, pool: PgBouncer, router: Path) -> URL:
+    """etcd, `count` Patroni nodes and their HAProxy (`router`: its rendered unit, on
+    PgBouncer's host); returns, once a primary serves, the superuser's URL of the `postgres`
+    database through HAProxy's primary port."""
     home = folder()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     shutil.chown(home, RUN_AS)
     passwords = {role: credentials.new_password() for role in ("superuser", "replication", "rewind")}
     credentials.write_private(files.superuser_passfile, credentials.passfile("postgres", passwords["superuser"]))
     credentials.write_private(files.superuser_password, passwords["superuser"])
-    state["ha"] = {"etcd": None, "nodes": [], "haproxy": None, "primary_port": servers.free_port(),
-                   "replicas_port": servers.free_port()}
+    state["ha"] = {"etcd": None, "nodes": [], "haproxy": None, "router": str(pool.address),
+                   "primary_port": pool.primary_port, "replicas_port": pool.replicas_port}
     start_etcd(state, network)
     for number, name in enumerate(node_names(count), 1):
         node = {"name": name, "address": network.db_address(number), "namespace": network.db_namespace(number),
@@ -107,16 +125,18 @@ def start(state: dict, network: Network, count: int, files: Credentials) -> URL:
         write_node_config(node, state["ha"]["etcd"]["url"], network, files, passwords)
         state["ha"]["nodes"].append(node)
         run_node(state, node)
-    start_haproxy(state)
+    state["ha"]["haproxy"] = {"pid": run_unit(router, "haproxy-postgres.log"),
+                              "admin_socket": str(router.parents[3] / "run/haproxy-postgres/admin.sock")}
+    save_state(state)
     url = superuser_url(state, files)
     wait_for(lambda: primary(state) is not None and accepts(url), "a Patroni primary behind HAProxy", within=120)
     return url
 
 
-def superuser_url(state: dict, files: Credentials) -> URL:
+def superuser_url(state: State, files: Credentials) -> URL:
     """The superuser's URL of the `postgres` database on the primary, through HAProxy's
     primary port: TLS verified against the cluster's CA, the password in its passfile."""
-    return URL.create("postgresql", username="postgres", host="127.0.0.1", port=state["ha"]["primary_port"],
+    return URL.create("postgresql", username="postgres", host=state["ha"]["router"], port=state["ha"]["primary_port"],
                       database="postgres",
                       query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert),
                              "passfile": str(files.superuser_passfile)})
@@ -132,7 +152,7 @@ def etcd_environment(name: str, data_dir: str, client: str, peer: str, members: 
             "ETCD_INITIAL_CLUSTER_STATE": "new", "ETCD_INITIAL_CLUSTER_TOKEN": "greenflask"}
 
 
-def start_etcd(state: dict, network: Network) -> None:
+def start_etcd(state: State, network: Network) -> None:
     """One etcd member on the db network's bridge address (see the module's docstring)."""
     executable = program("etcd", PACKAGES)
     peer = f"http://127.0.0.1:{servers.free_port()}"
@@ -161,7 +181,7 @@ def secrets_environment(passwords: dict) -> dict[str, str]:
     return {f"PATRONI_{role.upper()}_PASSWORD": passwords[role] for role in ("superuser", "replication", "rewind")}
 
 
-def write_node_config(node: dict, etcd_url: str, network: Network, files: Credentials, passwords: dict) -> None:
+def write_node_config(node: NodeState, etcd_url: str, network: Network, files: Credentials, passwords: dict) -> None:
     """deploy/patroni.yml for `node`, and its passwords in a file of their own (mode 600),
     both owned by the user Patroni runs as."""
     name = node["name"]
@@ -175,7 +195,7 @@ def write_node_config(node: dict, etcd_url: str, network: Network, files: Creden
     credentials.write_private(Path(node["secrets"]), units.environment_text(secrets_environment(passwords)), RUN_AS)
 
 
-def run_node(state: dict, node: dict) -> None:
+def run_node(state: State, node: NodeState) -> None:
     """Patroni for `node` in its namespace, as RUN_AS (setpriv execs: the PID is Patroni's),
     its passwords in its environment, read from the node's file; its config checked first
     by `patroni --validate-config`, which wants etcd up and the node's ports free."""
@@ -192,22 +212,7 @@ def run_node(state: dict, node: dict) -> None:
     save_state(state)
 
 
-def start_haproxy(state: dict) -> None:
-    """HAProxy's two TCP ports in front of the nodes (deploy/haproxy-postgres.cfg)."""
-    executable = program("haproxy")
-    ha = state["ha"]
-    admin_socket = CLUSTER_DIR / "haproxy-postgres.sock"
-    config = CLUSTER_DIR / "haproxy-postgres.cfg"
-    config.write_text(haproxy.database_config(str(admin_socket), f"127.0.0.1:{ha['primary_port']}",
-                                              f"127.0.0.1:{ha['replicas_port']}",
-                                              [(node["name"], node["address"]) for node in ha["nodes"]], POSTGRES_PORT))
-    haproxy.check(executable, config)
-    ha["haproxy"] = {"pid": spawn([executable, "-db", "-f", str(config)], "haproxy-postgres.log"),
-                     "admin_socket": str(admin_socket)}
-    save_state(state)
-
-
-def wait_until_replicated(state: dict, within: float = 120) -> None:
+def wait_until_replicated(state: State, within: float = 120) -> None:
     """Until every node runs, one is a synchronous standby, and no replica lags: what the
     primary has (the app's role, the schema) is on every node before the hosts start."""
 
@@ -257,10 +262,11 @@ def render_node(inventory: Inventory, layout: Layout, node: DbNode) -> Rendered:
         after=("network-online.target", "etcd.service")))
     host.needs += [
         Need(secrets, "PATRONI_SUPERUSER_PASSWORD, PATRONI_REPLICATION_PASSWORD and PATRONI_REWIND_PASSWORD "
-                      "(the same on every node)", owner=RUN_AS),
-        Need(tls["ca.crt"], "the cluster's CA certificate (ca.crt)", 0o644, RUN_AS),
-        Need(tls[f"{node.name}.crt"], f"its certificate, naming {node.address} and {pool.address}", 0o644, RUN_AS),
-        Need(tls[f"{node.name}.key"], "its certificate's key", owner=RUN_AS),
+                      "(the same on every node)", owner=RUN_AS, kind="patroni_secrets"),
+        Need(tls["ca.crt"], "the deployment's CA certificate (ca.crt)", 0o644, RUN_AS, "ca"),
+        Need(tls[f"{node.name}.crt"], f"its certificate, naming {node.address} and {pool.address}", 0o644, RUN_AS,
+             f"cert:{node.name}"),
+        Need(tls[f"{node.name}.key"], "its certificate's key", owner=RUN_AS, kind=f"key:{node.name}"),
     ]
     return host
 
@@ -282,7 +288,7 @@ def render_etcd(inventory: Inventory, layout: Layout, member: Etcd) -> Rendered:
 # --- what runs -----------------------------------------------------------------------
 
 
-def patroni_api(node: dict, path: str, body: dict | None = None, timeout: float = 2.0) -> dict | None:
+def patroni_api(node: NodeState, path: str, body: dict | None = None, timeout: float = 2.0) -> dict | None:
     """A GET (or, with `body`, a POST) to the node's Patroni REST API: its JSON, or None
     when the node does not answer."""
     request = urllib.request.Request(f"http://{node['address']}:{PATRONI_PORT}{path}",
@@ -301,7 +307,7 @@ def patroni_api(node: dict, path: str, body: dict | None = None, timeout: float 
         return {"message": text}
 
 
-def members(state: dict) -> list[dict]:
+def members(state: State) -> list[dict]:
     """Patroni's view of the cluster (GET /cluster of the first node that answers)."""
     for node in state["ha"]["nodes"]:
         if servers.is_alive(node["patroni_pid"]) and (answer := patroni_api(node, "/cluster")):
@@ -309,12 +315,12 @@ def members(state: dict) -> list[dict]:
     return []
 
 
-def primary(state: dict) -> str | None:
+def primary(state: State) -> str | None:
     return next((member["name"] for member in members(state) if member.get("role") == "leader"
                  and member.get("state") == "running"), None)
 
 
-def postgres_pid(node: dict) -> int | None:
+def postgres_pid(node: NodeState) -> int | None:
     """The node's postmaster, from postmaster.pid, while it runs."""
     try:
         pid = int((Path(node["data_dir"]) / "postmaster.pid").read_text().split()[0])
@@ -323,7 +329,7 @@ def postgres_pid(node: dict) -> int | None:
     return pid if servers.is_alive(pid) else None
 
 
-def report(state: dict) -> dict:
+def report(state: State) -> dict:
     """`status --json`'s part: `primary` and `db_nodes` (name, role, postgres pid, lag)."""
     seen = {member["name"]: member for member in members(state)}
     nodes = []
@@ -338,7 +344,7 @@ def report(state: dict) -> dict:
             "etcd": {**state["ha"]["etcd"], "running": servers.is_alive(state["ha"]["etcd"]["pid"])}}
 
 
-def node_named(state: dict, name: str) -> dict:
+def node_named(state: State, name: str) -> dict:
     nodes = {node["name"]: node for node in state["ha"]["nodes"]}
     if name not in nodes:
         raise click.ClickException(f"no database node {name!r}: {', '.join(nodes)}")
@@ -348,7 +354,7 @@ def node_named(state: dict, name: str) -> dict:
 # --- faults and operations -------------------------------------------------------------
 
 
-def kill(state: dict, name: str) -> list[int]:
+def kill(state: State, name: str) -> list[int]:
     """SIGKILL every process in the node's namespace (Patroni, PostgreSQL and its children):
     what a host that loses power leaves. Returns the PIDs killed."""
     node = node_named(state, name)
@@ -360,7 +366,7 @@ def kill(state: dict, name: str) -> list[int]:
     return pids
 
 
-def revive(state: dict, name: str) -> None:
+def revive(state: State, name: str) -> None:
     """Start the node's Patroni again, as its host coming back: a node that was the primary
     finds another leader in etcd and rejoins as its replica, `pg_rewind` first if its
     timeline went its own way."""
@@ -370,7 +376,7 @@ def revive(state: dict, name: str) -> None:
     run_node(state, node)
 
 
-def switchover(state: dict, candidate: str | None) -> tuple[str, str]:
+def switchover(state: State, candidate: str | None) -> tuple[str, str]:
     """Patroni's planned switchover to `candidate` (else its synchronous standby): the old
     primary stops cleanly and follows the new one. Returns (old, new)."""
     current = primary(state)
@@ -386,7 +392,7 @@ def switchover(state: dict, candidate: str | None) -> tuple[str, str]:
     return current, candidate
 
 
-def stop_all(state: dict) -> None:
+def stop_all(state: State) -> None:
     """HAProxy, each Patroni (which stops its PostgreSQL), then etcd; by PID."""
     ha = state.get("ha") or {}
     servers.stop((ha.get("haproxy") or {}).get("pid"), grace=5)

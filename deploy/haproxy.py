@@ -14,10 +14,9 @@ from string import Template
 import click
 
 from deploy import units
-from deploy.inventory import Inventory
-from deploy.layout import Layout, Rendered
-from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, program, save_state, spawn
-from greenflask import servers
+from deploy.inventory import Balancer, Inventory
+from deploy.layout import Layout, Need, Rendered
+from deploy.runtime import DEPLOY_DIR, State, run_unit, save_state
 
 EXECUTABLE = "/usr/sbin/haproxy"
 PATRONI_PORT = 8008
@@ -70,6 +69,7 @@ def render_balancer(inventory: Inventory, layout: Layout) -> Rendered:
         layout.path("run/haproxy/admin.sock"),
         [(app.name, str(app.address), app.port) for app in inventory.app_hosts], inventory.app.max_body_bytes))
     host.add_unit("haproxy.service", unit("HAProxy in front of the greenflask app hosts", layout.path(config)))
+    host.needs.append(Need(layout.path("run/haproxy"), "its admin socket's folder", 0o755, kind="folder"))
     return host
 
 
@@ -83,23 +83,18 @@ def render_database_router(inventory: Inventory, layout: Layout, host: Rendered)
         host_port(pool.address, pool.replicas_port), [(node.name, str(node.address)) for node in inventory.db_nodes]))
     host.add_unit("haproxy-postgres.service",
                   unit("HAProxy in front of the Patroni nodes (primary and replicas)", layout.path(config)))
+    host.needs.append(Need(layout.path("run/haproxy-postgres"), "its admin socket's folder", 0o755, kind="folder"))
 
 
 # --- the cluster's balancer ---------------------------------------------------------------
 
 
-def start_balancer(state: dict, port: int, max_body_bytes: int) -> None:
-    executable = program("haproxy")
-    admin_socket = CLUSTER_DIR / "haproxy.sock"
-    config = CLUSTER_DIR / "haproxy.cfg"
-    exporter = f"127.0.0.1:{servers.free_port()}"
-    config.write_text(balancer_config(f"127.0.0.1:{port}", exporter, str(admin_socket),
-                                      [(host["name"], host["address"], host["port"]) for host in state["hosts"]],
-                                      max_body_bytes))
-    check(executable, config)
-    pid = spawn([executable, "-db", "-f", str(config)], "haproxy.log")
-    state["haproxy"] = {"pid": pid, "url": f"http://127.0.0.1:{port}", "admin_socket": str(admin_socket),
-                        "exporter": exporter}
+def start_balancer(state: State, balancer: Balancer, unit: Path, admin_socket: Path) -> None:
+    """The balancer from its rendered unit (its ExecStartPre checks the config first)."""
+    pid = run_unit(unit, "haproxy.log")
+    state["haproxy"] = {"pid": pid, "url": f"http://{host_port(balancer.address, balancer.port)}",
+                        "admin_socket": str(admin_socket),
+                        "exporter": host_port(balancer.address, balancer.exporter_port)}
     save_state(state)
 
 

@@ -44,11 +44,13 @@ class Balancer(Host):
 class AppHost(Host):
     port: Port = 8000
     workers: Annotated[int, Field(ge=1)] = 1
+    metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR [ROOT/run/greenflask/metrics]
 
 
 class PgBouncer(Host):
     port: Port = 6432
     pool_size: Annotated[int, Field(ge=1)] = 20  # server connections (default_pool_size)
+    user: str = "postgres"  # who runs it (Debian's package: postgres)
     exporter_port: Port = 9127
     # With db_nodes: the HAProxy on this host that routes to Patroni's primary and replicas.
     primary_port: Port = 5000
@@ -65,10 +67,14 @@ class Etcd(Host):
 
 
 class Postgres(Host):
-    """A PostgreSQL server run by someone else (no db_nodes): the render configures none of it."""
+    """A PostgreSQL server run by someone else (no db_nodes): the render configures none of it,
+    so it is no host of the inventory's. `socket_dir`: PgBouncer, on the same machine, connects
+    through this unix socket folder instead of the address."""
 
     port: Port = 5432
     database: str = "greenflask"
+    socket_dir: str | None = None
+    replica: "Postgres | None" = None  # a streaming replica of it, for the app's reads
 
 
 class Prometheus(Host):
@@ -94,7 +100,7 @@ class Inventory(BaseModel):
 
     balancer: Balancer
     app_hosts: Annotated[list[AppHost], Field(min_length=1)]
-    pgbouncer: PgBouncer
+    pgbouncer: PgBouncer | None = None  # without it, the app hosts connect to PostgreSQL itself
     db_nodes: list[DbNode] = []
     etcd: list[Etcd] = []
     postgres: Postgres | None = None
@@ -111,6 +117,8 @@ class Inventory(BaseModel):
             raise ValueError("name either db_nodes (Patroni, with etcd) or postgres (a server of your own)")
         if self.db_nodes and not self.etcd:
             raise ValueError("db_nodes need etcd members (Patroni keeps its leader key there)")
+        if self.db_nodes and not self.pgbouncer:
+            raise ValueError("db_nodes need pgbouncer (the HAProxy on its host routes to the primary)")
         if self.etcd and not self.db_nodes:
             raise ValueError("etcd is for db_nodes: name them too")
         seen: dict[str, str] = {}
@@ -125,11 +133,12 @@ class Inventory(BaseModel):
         """Every host with where it sits ("app_hosts[1]"), in the order of the roles."""
         found: list[tuple[str, Host]] = [("balancer", self.balancer)]
         found += [(f"app_hosts[{index}]", host) for index, host in enumerate(self.app_hosts)]
-        found.append(("pgbouncer", self.pgbouncer))
+        if self.pgbouncer is not None:
+            found.append(("pgbouncer", self.pgbouncer))
         found += [(f"db_nodes[{index}]", host) for index, host in enumerate(self.db_nodes)]
         found += [(f"etcd[{index}]", host) for index, host in enumerate(self.etcd)]
-        found += [(role, host) for role, host in (("postgres", self.postgres), ("prometheus", self.prometheus))
-                  if host is not None]
+        if self.prometheus is not None:
+            found.append(("prometheus", self.prometheus))
         return found
 
 
@@ -139,7 +148,8 @@ def parse(data: object) -> Inventory:
         return Inventory.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "inventory"
+        # A union's member names itself in the location ("lax-or-strict[...]"): not a key.
+        where = ".".join(str(part) for part in first["loc"] if "[" not in str(part)) or "inventory"
         raise InventoryError(f"{where}: {first['msg']}") from None
 
 

@@ -14,15 +14,16 @@ UNIT_DIR = "etc/systemd/system"
 @dataclass(frozen=True)
 class Layout:
     root: PurePosixPath
-    prefix: PurePosixPath  # the app's folder: its code, and its virtualenv in .venv
+    prefix: PurePosixPath  # the app's folder: its code
+    venv: PurePosixPath  # its virtualenv (PREFIX/.venv)
 
     def path(self, relative: str) -> str:
         """`relative` ("etc/haproxy/haproxy.cfg") under the root, as the files name it."""
         return str(self.root / relative)
 
-    @property
-    def python(self) -> str:
-        return str(self.prefix / ".venv" / "bin" / "python")
+    def program(self, name: str) -> str:
+        """A program of the app's virtualenv (python, gunicorn)."""
+        return str(self.venv / "bin" / name)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Need:
     what: str  # which one: "the CA's certificate", "PgBouncer's auth_file", ...
     mode: int = 0o600
     owner: str = "root"
+    # Which of deploy/credentials.py's files it is ("ca", "app_passfile", "cert:pgbouncer",
+    # ...; "folder": an empty folder, which systemd's RuntimeDirectory= makes on a real host).
+    kind: str = ""
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Rendered:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(file.text)
             target.chmod(file.mode)
-        lines = [f"{need.path} {need.mode:o} {need.owner}  # {need.what}\n" for need in self.needs]
+        lines = [f"{need.path}{'/' if need.kind == 'folder' else ''} {need.mode:o} {need.owner}  # {need.what}\n"
+                 for need in self.needs]
         (folder / "NEEDS").write_text("# path mode owner: the files this host needs that the render does not write\n"
                                       + "".join(lines))

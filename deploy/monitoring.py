@@ -16,7 +16,7 @@ from deploy.haproxy import PATRONI_PORT, host_port
 from deploy.inventory import Inventory
 from deploy.layout import Layout, Need, Rendered
 from deploy.pgbouncer import CA
-from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, log_tail, program, save_state, spawn, wait_for
+from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, State, log_tail, program, save_state, spawn, wait_for
 from greenflask import embedded, servers
 
 RULES = ("prometheus.yml", "alerts.yml", "recording.yml")
@@ -47,7 +47,7 @@ def render(inventory: Inventory, layout: Layout) -> Rendered:
     for name, text in targets(
             [(app.name, host_port(app.address, app.port)) for app in inventory.app_hosts],
             host_port(inventory.balancer.address, inventory.balancer.exporter_port), postgres_exporter,
-            host_port(pool.address, pool.exporter_port),
+            host_port(pool.address, pool.exporter_port) if pool else None,
             [(node.name, host_port(node.address, PATRONI_PORT)) for node in inventory.db_nodes]).items():
         host.add(f"{folder}/{name}", text)
     host.add_unit("prometheus.service", units.unit("Prometheus for greenflask", [
@@ -74,22 +74,23 @@ def render(inventory: Inventory, layout: Layout) -> Rendered:
         ("User", "prometheus"), ("EnvironmentFile", layout.path(env_file)),
         ("ExecStart", f"{EXPORTER} --web.listen-address={postgres_exporter}"),
         ("Restart", "always"), *units.BASELINE]))
-    host.needs += [Need(ca, CA, 0o644, "prometheus"),
-                   Need(password, "the password of PostgreSQL's superuser, alone on one line", owner="prometheus")]
+    host.needs += [Need(ca, CA, 0o644, "prometheus", "ca"),
+                   Need(password, "the password of PostgreSQL's superuser, alone on one line", owner="prometheus",
+                        kind="superuser_password")]
     return host
 
 
 # --- the cluster's Prometheus -------------------------------------------------------------
 
 
-def start_postgres_exporter(state: dict, database_url: str | None) -> str:
+def start_postgres_exporter(state: State, database_url: str | None) -> str:
     """Debian's prometheus-postgres-exporter for the primary (its connection string in the
     environment, not in argv; with --ha, through HAProxy's primary port, so that it follows
     a failover, its password read from a file); the address it serves on."""
     executable = program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
     if state.get("ha"):
         files = Credentials(CLUSTER_DIR)
-        env = {"DATA_SOURCE_URI": f"127.0.0.1:{state['ha']['primary_port']}/postgres?sslmode=verify-full"
+        env = {"DATA_SOURCE_URI": f"{state['ha']['router']}:{state['ha']['primary_port']}/postgres?sslmode=verify-full"
                                   f"&sslrootcert={files.ca_cert}",
                "DATA_SOURCE_USER": "postgres", "DATA_SOURCE_PASS_FILE": str(files.superuser_password)}
     else:
@@ -103,7 +104,7 @@ def start_postgres_exporter(state: dict, database_url: str | None) -> str:
     return address
 
 
-def start_pgbouncer_exporter(state: dict) -> str:
+def start_pgbouncer_exporter(state: State) -> str:
     """deploy/pgbouncer_exporter.py for this cluster's PgBouncer; the address it serves on."""
     address = f"127.0.0.1:{servers.free_port()}"
     pgbouncer = state["pgbouncer"]
@@ -117,7 +118,7 @@ def start_pgbouncer_exporter(state: dict) -> str:
     return address
 
 
-def start_prometheus(state: dict, database_url: str | None) -> None:
+def start_prometheus(state: State, database_url: str | None) -> None:
     """Prometheus with deploy/prometheus/ as it is, scraping every host's /metrics on its own
     address and HAProxy's exporter; the targets are files it reads (file_sd)."""
     executable = program("prometheus", "prometheus")

@@ -50,7 +50,7 @@ class Network:
         return f"{self.net}.{1 if side == 'front' else 2}.{10 + number}"
 
     def pgbouncer_address(self) -> str:
-        return self.bridge_address("back") if self.namespaces else "127.0.0.1"
+        return self.bridge_address("back") if self.namespaces else "127.0.0.2"
 
     def db_namespace(self, number: int) -> str:
         return f"{self.prefix}-db{number}"

@@ -4,7 +4,6 @@ cluster, its secrets (SCRAM secrets in auth_file, never a password), its admin c
 
 import os
 import pwd
-import shutil
 from pathlib import Path
 from string import Template
 
@@ -14,16 +13,14 @@ from sqlalchemy.engine import URL
 from deploy import credentials, units
 from deploy.credentials import ADMIN_USER, APP_ROLE, Credentials
 from deploy.haproxy import host_port, render_database_router
-from deploy.inventory import Inventory
+from deploy.inventory import Inventory, PgBouncer, Postgres
 from deploy.layout import Layout, Need, Rendered
-from deploy.network import Network
-from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, log_tail, program, save_state, spawn, wait_for
+from deploy.runtime import DEPLOY_DIR, State, log_tail, run_unit, save_state, wait_for
 from greenflask import servers, sizing
 
 EXECUTABLE = "/usr/sbin/pgbouncer"
 PORT = 6432
-RUN_AS = "postgres"  # Debian's pgbouncer package runs it as postgres too
-CA = "the cluster's CA certificate (ca.crt)"
+CA = "the deployment's CA certificate (ca.crt)"
 
 
 def config(databases: list[str], listen_addr: str, listen_port: int, auth_file: str, cert_file: str, key_file: str,
@@ -50,52 +47,63 @@ def render(inventory: Inventory, layout: Layout) -> Rendered:
         render_database_router(inventory, layout, host)
     else:
         server = inventory.postgres
-        databases = [f"greenflask = host={server.address} port={server.port} dbname={server.database}"]
-        server_tls = "disable" if server.address.is_loopback else "verify-full"
-    reads_apart = bool(inventory.db_nodes)
+        databases = [server_line("greenflask", server)]
+        if server.replica is not None:
+            databases.append(server_line("greenflask_replica", server.replica))
+        local = server.socket_dir or server.address.is_loopback
+        server_tls = "disable" if local else "verify-full"
+    reads_apart = bool(inventory.db_nodes) or bool(inventory.postgres and inventory.postgres.replica)
     workers = sum(app_host.workers for app_host in inventory.app_hosts)
     clients = sizing.app_connections(1, workers, app.pool_size, app.max_overflow) * (2 if reads_apart else 1)
     paths = {name: layout.path(f"etc/pgbouncer/{name}") for name in
              ("userlist.txt", "tls/pgbouncer.crt", "tls/pgbouncer.key", "tls/ca.crt", "admin.pgpass")}
-    ini = "etc/pgbouncer/pgbouncer.ini"
+    ini, run_dir = "etc/pgbouncer/pgbouncer.ini", layout.path("run/pgbouncer")
     host.add(ini, config(databases, str(pool.address), pool.port, paths["userlist.txt"], paths["tls/pgbouncer.crt"],
                          paths["tls/pgbouncer.key"], paths["tls/ca.crt"], server_tls, app.statement_timeout_ms,
-                         pool.pool_size, clients + 20, layout.path("run/pgbouncer")))
+                         pool.pool_size, clients + 20, run_dir))
     host.add_unit("pgbouncer.service", units.unit("PgBouncer for the greenflask app hosts", [
-        ("Type", "notify"), ("User", RUN_AS), ("Group", RUN_AS),
+        ("Type", "notify"), ("User", pool.user), ("Group", pool.user),
         ("ExecStart", f"{EXECUTABLE} {layout.path(ini)}"),
         # HUP re-reads the ini; SIGINT is PgBouncer's own safe shutdown (it waits for the clients).
         ("ExecReload", "/bin/kill -HUP $MAINPID"), ("KillSignal", "SIGINT"),
         ("RuntimeDirectory", "pgbouncer"), ("LimitNOFILE", "65536"), ("Restart", "always"), *units.BASELINE]))
     host.add_unit("greenflask-pgbouncer-exporter.service", units.unit(
         "PgBouncer's pools for Prometheus (deploy/pgbouncer_exporter.py)", [
-            ("User", RUN_AS), ("WorkingDirectory", str(layout.prefix)),
-            ("ExecStart", f"{layout.python} -m deploy.pgbouncer_exporter "
+            ("User", pool.user), ("WorkingDirectory", str(layout.prefix)),
+            ("ExecStart", f"{layout.program('python')} -m deploy.pgbouncer_exporter "
                           f"--listen {host_port(pool.address, pool.exporter_port)} "
                           f"--pgbouncer {host_port(pool.address, pool.port)} --passfile {paths['admin.pgpass']} "
                           f"--ca {paths['tls/ca.crt']}"),
             ("Restart", "always"), *units.BASELINE], after=("pgbouncer.service",)))
     host.needs += [
         Need(paths["userlist.txt"], f'its auth_file: "{APP_ROLE}" and "{ADMIN_USER}" with their SCRAM secrets',
-             owner=RUN_AS),
-        Need(paths["tls/pgbouncer.crt"], f"its certificate, naming {pool.address}", 0o644, RUN_AS),
-        Need(paths["tls/pgbouncer.key"], "its certificate's key", owner=RUN_AS),
-        Need(paths["tls/ca.crt"], CA, 0o644, RUN_AS),
-        Need(paths["admin.pgpass"], f"a passfile of {ADMIN_USER}, for the exporter", owner=RUN_AS),
+             owner=pool.user, kind="auth_file"),
+        Need(paths["tls/pgbouncer.crt"], f"its certificate, naming {pool.address}", 0o644, pool.user,
+             "cert:pgbouncer"),
+        Need(paths["tls/pgbouncer.key"], "its certificate's key", owner=pool.user, kind="key:pgbouncer"),
+        Need(paths["tls/ca.crt"], CA, 0o644, pool.user, "ca"),
+        Need(paths["admin.pgpass"], f"a passfile of {ADMIN_USER}, for the exporter", owner=pool.user,
+             kind="admin_passfile"),
+        Need(run_dir, "its unix socket's folder, for the online restart (pgbouncer -R)", 0o700, pool.user, "folder"),
     ]
     return host
+
+
+def server_line(name: str, server: Postgres) -> str:
+    """One line of [databases] for a server of the inventory's `postgres` (or its replica)."""
+    return f"{name} = host={server.socket_dir or server.address} port={server.port} dbname={server.database}"
 
 
 # --- the cluster's PgBouncer ----------------------------------------------------------------
 
 
-def run_as_user(server: URL) -> str | None:
+def run_as_user(server: URL | None) -> str | None:
     """Who PgBouncer runs as (and owns its key and auth_file). It refuses to run as root: as
     root, on a unix socket (the embedded server) the socket's owner, so that it may connect,
     otherwise `postgres` or `nobody`; not root, None: it runs as we do."""
     if os.geteuid() != 0:
         return None
-    socket_dir = server.query.get("host")
+    socket_dir = server.query.get("host") if server is not None else None
     if socket_dir:
         return pwd.getpwuid(os.stat(socket_dir).st_uid).pw_name
     try:
@@ -155,61 +163,34 @@ def write_pgbouncer_secrets(files: Credentials, server: URL, app_secret: str, ru
                               run_as)
 
 
-def start(state: dict, server: URL, app_secret: str, network: Network, pool_size: int, clients: int,
-          replica: URL | None, statement_timeout_ms: int, server_tls: bool = False) -> URL:
-    """PgBouncer in transaction mode for the database (and its replica), SCRAM and TLS
-    required from its clients; the URL the hosts connect to (the app's role, verify-full)."""
-    executable = program("pgbouncer")
-    address = network.pgbouncer_address()
-    port = PORT if network.namespaces else servers.free_port()
-    files = Credentials(CLUSTER_DIR)
-    run_as = run_as_user(server)
-    write_pgbouncer_secrets(files, server, app_secret, run_as)
-    ini = CLUSTER_DIR / "pgbouncer.ini"
-    socket_dir = CLUSTER_DIR / "pgbouncer-run"
-    socket_dir.mkdir(mode=0o700, exist_ok=True)
-    ini.write_text(cluster_config(server, address, port, pool_size, clients + 20, files, statement_timeout_ms,
-                                  replica, socket_dir, server_tls))
-    ini.chmod(0o644)
-    command = [executable, str(ini)]
-    if run_as:
-        shutil.chown(socket_dir, run_as)
-        command[1:1] = ["-u", run_as]
-    state["pgbouncer"] = {"pid": None, "address": f"{address}:{port}", "pool_size": pool_size, "command": command,
-                          "admin_user": ADMIN_USER, "admin_passfile": str(files.admin_passfile),
+def start(state: State, pool: PgBouncer, unit: Path, files: Credentials) -> None:
+    """PgBouncer from its rendered unit (deploy/localhosts.py put its secrets in place)."""
+    state["pgbouncer"] = {"pid": None, "address": host_port(pool.address, pool.port), "pool_size": pool.pool_size,
+                          "unit": str(unit), "admin_user": ADMIN_USER, "admin_passfile": str(files.admin_passfile),
                           "ca": str(files.ca_cert)}
     run(state)
-    return server.set(host=address, port=port,
-                      query={"sslmode": "verify-full", "sslrootcert": str(files.ca_cert)})
 
 
-def run(state: dict) -> None:
-    """Start PgBouncer with its recorded command; return once it listens."""
-    pgbouncer = state["pgbouncer"]
-    pgbouncer["pid"] = pid = spawn(pgbouncer["command"], "pgbouncer.log")
-    save_state(state)
-    address, port = pgbouncer["address"].rsplit(":", 1)
-    wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
-    if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer exited: {log_tail('pgbouncer.log')}")
-
-
-def restart_online(state: dict) -> None:
-    """A new PgBouncer process (its binary and config as they are now) with `-R`: it asks the
-    running one, over its unix socket, for the listening socket and every client and server
-    connection, which the old one hands over before it exits."""
+def run(state: State, online: bool = False) -> None:
+    """Start PgBouncer as its unit says; return once it listens. `online`: with `-R`, the new
+    process asks the running one, over its unix socket, for the listening socket and every
+    client and server connection, which the old one hands over before it exits."""
     pgbouncer = state["pgbouncer"]
     old_pid = pgbouncer["pid"]
-    command = [pgbouncer["command"][0], "-R", *pgbouncer["command"][1:]]
-    pgbouncer["pid"] = pid = spawn(command, "pgbouncer.log")
+    pgbouncer["pid"] = pid = run_unit(Path(pgbouncer["unit"]), "pgbouncer.log", args=["-R"] if online else [])
     save_state(state)
-    wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
+    if online:
+        wait_for(lambda: not servers.is_alive(old_pid) or not servers.is_alive(pid), "PgBouncer's online restart")
+    else:
+        address, port = pgbouncer["address"].rsplit(":", 1)
+        wait_for(lambda: servers.port_open(address, int(port)) or not servers.is_alive(pid), "PgBouncer")
     if not servers.is_alive(pid):
-        raise click.ClickException(f"PgBouncer -R exited: {log_tail('pgbouncer.log')}")
+        raise click.ClickException(f"PgBouncer{' -R' if online else ''} exited: {log_tail('pgbouncer.log')}")
 
 
 def admin(pgbouncer: dict, command: str) -> list[dict]:
-    """One command on PgBouncer's admin console (the `pgbouncer` database); its rows, if any."""
+    """One command on PgBouncer's admin console (the `pgbouncer` database; `pgbouncer` holds its
+    address, admin_user, admin_passfile and ca, as PgBouncerState does); its rows, if any."""
     import psycopg2
 
     address, port = pgbouncer["address"].rsplit(":", 1)

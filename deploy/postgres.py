@@ -13,11 +13,11 @@ from sqlalchemy.engine import URL, make_url
 
 from deploy import ha
 from deploy.credentials import Credentials
-from deploy.runtime import CLUSTER_DIR, save_state
+from deploy.runtime import CLUSTER_DIR, State, save_state
 from greenflask import embedded
 
 
-def start(state: dict, given: str | None) -> URL:
+def start(state: State, given: str | None) -> URL:
     """`given` (DATABASE_URL's server), or the embedded one (started if needed); the database's URL."""
     if given:
         url = make_url(given)
@@ -47,7 +47,7 @@ def run_in_release(release: Path, command: list[str], database_url: URL, env: di
     return done.stderr + done.stdout
 
 
-def schema_url(state: dict, given: str | None) -> URL:
+def schema_url(state: State, given: str | None) -> URL:
     """Where migrations go: straight to PostgreSQL (with --ha, the primary through the
     database side's HAProxy), never through PgBouncer (migrations/env.py says why). Made
     again from the state's parts: the state file holds no password."""
@@ -60,7 +60,7 @@ def schema_url(state: dict, given: str | None) -> URL:
     raise click.ClickException("the cluster's PostgreSQL is DATABASE_URL's: set it again to migrate")
 
 
-def migrate_schema(state: dict, release: Path, given: str | None, revision: str = "head") -> None:
+def migrate_schema(state: State, release: Path, given: str | None, revision: str = "head") -> None:
     """`alembic upgrade REVISION` of the release's migrations on the cluster's database."""
     started = time.monotonic()
     output = run_in_release(release, [sys.executable, "-m", "alembic", "upgrade", revision], schema_url(state, given))
@@ -70,7 +70,7 @@ def migrate_schema(state: dict, release: Path, given: str | None, revision: str 
                f"in {time.monotonic() - started:.2f} s")
 
 
-def start_replica(state: dict, primary: URL) -> URL:
+def start_replica(state: State, primary: URL) -> URL:
     """A streaming replica of the embedded primary, in CLUSTER_DIR/replica; its URL."""
     folder = CLUSTER_DIR / "replica"
     url = make_url(embedded.start_replica(primary.render_as_string(hide_password=False), folder))

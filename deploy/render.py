@@ -23,15 +23,19 @@ from deploy.layout import Layout, Rendered
 DEFAULT_PREFIX = "/opt/greenflask"
 
 
-def render(inventory: Inventory, root: str = "/", prefix: str = DEFAULT_PREFIX) -> list[Rendered]:
-    """What every host of `inventory` runs, its paths under `root` (`{name}` replaced)."""
+def render(inventory: Inventory, root: str = "/", prefix: str = DEFAULT_PREFIX, venv: str | None = None
+           ) -> list[Rendered]:
+    """What every host of `inventory` runs, its paths under `root` (`{name}` replaced); the
+    app at `prefix`, its virtualenv `venv` (PREFIX/.venv)."""
 
     def layout(name: str) -> Layout:
-        return Layout(PurePosixPath(root.replace("{name}", name)), PurePosixPath(prefix))
+        return Layout(PurePosixPath(root.replace("{name}", name)), PurePosixPath(prefix),
+                      PurePosixPath(venv or f"{prefix}/.venv"))
 
     hosts = [haproxy.render_balancer(inventory, layout(inventory.balancer.name))]
     hosts += [apphosts.render(inventory, layout(host.name), host) for host in inventory.app_hosts]
-    hosts.append(pgbouncer.render(inventory, layout(inventory.pgbouncer.name)))
+    if inventory.pgbouncer:
+        hosts.append(pgbouncer.render(inventory, layout(inventory.pgbouncer.name)))
     hosts += [ha.render_node(inventory, layout(node.name), node) for node in inventory.db_nodes]
     hosts += [ha.render_etcd(inventory, layout(member.name), member) for member in inventory.etcd]
     if inventory.prometheus:

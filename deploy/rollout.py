@@ -9,7 +9,7 @@ import click
 from deploy import apphosts
 from deploy.haproxy import admin as haproxy_admin
 from deploy.haproxy import server_rows, server_states
-from deploy.runtime import CLUSTER_DIR
+from deploy.runtime import CLUSTER_DIR, HostState, State
 from greenflask import green, servers
 from greenflask.settings import Settings
 
@@ -19,7 +19,7 @@ def longest_request_seconds(settings: Settings) -> float:
     return max(settings.sleep_max_seconds, settings.statement_timeout_ms / 1000 + green.STATEMENT_MARGIN_SECONDS)
 
 
-def replace_host(state: dict, host: dict, admin: str, bound: float) -> None:
+def replace_host(state: State, host: HostState, admin: str, bound: float) -> None:
     name, old_pid, started = host["name"], host["gunicorn_pid"], time.monotonic()
     haproxy_admin(admin, f"set server app_hosts/{name} state drain")
 

@@ -5,6 +5,8 @@ A unit is sections of `Key=value` lines (systemd.unit(5)); the keys repeat (`Aft
 """
 
 import shlex
+from dataclasses import dataclass
+from pathlib import Path
 
 Section = list[tuple[str, str]]
 
@@ -91,3 +93,27 @@ def environment_file(text: str) -> dict[str, str]:
 def environment_text(pairs: dict[str, str]) -> str:
     """An EnvironmentFile's text, each value quoted when it must be."""
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in pairs.items())
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a service unit runs, as systemd would: its ExecStartPre and ExecStart lines as
+    argv, its environment (Environment= and the EnvironmentFile=s, read now), its User."""
+
+    before: list[list[str]]
+    argv: list[str]
+    env: dict[str, str]
+    user: str | None
+
+
+def command(unit_path: Path) -> Command:
+    service = parse(unit_path.read_text()).get("Service", [])
+    env: dict[str, str] = {}
+    for key, value in service:
+        if key == "Environment":
+            env.update(environment_file(value))
+        elif key == "EnvironmentFile":
+            env.update(environment_file(Path(value.removeprefix("-")).read_text()))
+    values = dict(service)
+    return Command([shlex.split(value) for key, value in service if key == "ExecStartPre"],
+                   shlex.split(values["ExecStart"]), env, values.get("User"))

@@ -183,3 +183,24 @@ def test_a_malformed_inventory_gets_one_line_and_nothing_is_written(tmp_path, ch
     done = render(tmp_path / "out", inventory=broken)
     assert done.returncode == 2 and names in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_server_of_your_own_without_pgbouncer(tmp_path):
+    """`postgres` instead of db_nodes, and no PgBouncer: the app hosts connect to the server
+    itself, across the network with TLS verified."""
+    data = yaml.safe_load(INVENTORY.read_text())
+    for role in ("db_nodes", "etcd", "pgbouncer"):
+        data.pop(role)
+    data["postgres"] = {"name": "pg1", "address": "192.0.2.70", "database": "todos"}
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump(data))
+    done = render(tmp_path / "out", inventory=inventory)
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["app1", "app2", "app3", "app4", "lb1",
+                                                                          "mon1"]
+    env = units.environment_file((tmp_path / "out/app1/etc/greenflask/greenflask.env").read_text())
+    assert urllib.parse.unquote(env["DATABASE_URL"]) == (
+        "postgresql://greenflask_app@192.0.2.70:5432/todos?sslmode=verify-full&sslrootcert=/etc/greenflask/tls/ca.crt")
+    assert env["DB_PGBOUNCER"] == "0" and "DATABASE_READ_URL" not in env
+    targets = json.loads((tmp_path / "out/mon1/etc/prometheus/greenflask/targets/pgbouncer.json").read_text())
+    assert targets == []

@@ -127,7 +127,10 @@ def test_no_secret_on_display(cluster):
 
     assert workers, "the host's workers were found"
     assert password not in "".join(shown.values()), [where for where, text in shown.items() if password in text]
-    assert "PGPASSFILE=" + report["passfile"] in shown["argv and environment"], "the hosts get a file"
+    # Each host reads its own copy, where its rendered NEEDS put it (deploy/localhosts.py).
+    copy = Path(report["rendered"], "host1/etc/greenflask/secrets/app.pgpass")
+    assert f"PGPASSFILE={copy}" in shown["argv and environment"], "the hosts get a file"
+    assert oct(copy.stat().st_mode & 0o777) == "0o600" and copy.read_text() == Path(report["passfile"]).read_text()
     assert all(oct(path.stat().st_mode & 0o777) == "0o600" for path in files.secrets.iterdir())
     assert oct(files.secrets.stat().st_mode & 0o777) == "0o700"
     assert "password" not in Path(env["CLUSTER_DIR"], "host1.log").read_text().lower().replace("passfile", "")
