@@ -35,8 +35,9 @@ hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
 `--ha` replaces the single PostgreSQL with nodes run by Patroni (deploy/ha.py): PgBouncer
 sends writes to the primary and reads to the replicas through a HAProxy that asks Patroni.
 `up` writes these hosts as an inventory and renders it (deploy/localhosts.py, the same
-render as real hosts get): HAProxy, the app hosts, PgBouncer and the database's HAProxy
-run their rendered units. What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
+render as real hosts get): HAProxy, the app hosts, PgBouncer, and with --ha etcd, Patroni
+and the database's HAProxy run their rendered units; Prometheus and the exporters do not yet.
+What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
 its PID and removes the namespaces and links, also after an `up` that failed half-way.
 CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
 `up` removes the namespaces and bridges of its CLUSTER_NET that a cluster killed before
@@ -174,9 +175,9 @@ def _bring_up(state: State, settings: Settings, network: Network, hosts: int, wo
     if db_nodes:
         credentials.make_certificates(files, {**tls_names, **ha.certificate_names(network, db_nodes)}, ha.RUN_AS)
         inventory, rendered = render(None, None)
+        ha.make_secrets(files)
         localhosts.install_needs(rendered, files)
-        superuser = ha.start(state, network, db_nodes, files, inventory.pgbouncer,
-                             localhosts.unit(localhosts.POOL, "haproxy-postgres.service"))
+        superuser = ha.start(state, inventory, files, network, localhosts.host_root)
         database_url = make_url(embedded.ensure_database(superuser.render_as_string(hide_password=False),
                                                          embedded.DATABASE))
         click.echo(f"PostgreSQL: {db_nodes} nodes run by Patroni (etcd {state['ha']['etcd']['url']}), primary "

@@ -83,6 +83,11 @@ class Credentials:
         """The same password alone (prometheus-postgres-exporter's DATA_SOURCE_PASS_FILE)."""
         return self.secrets / "postgres.password"
 
+    @property
+    def patroni_env(self) -> Path:
+        """With --ha: the three passwords as Patroni reads them (PATRONI_*_PASSWORD=...)."""
+        return self.secrets / "patroni.env"
+
     def cert(self, server: str) -> Path:
         return self.tls / f"{server}.crt"
 

@@ -19,9 +19,7 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
 import signal
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,7 +32,7 @@ from sqlalchemy.engine import URL
 from deploy import credentials, haproxy, units
 from deploy.credentials import Credentials
 from deploy.haproxy import host_port
-from deploy.inventory import DbNode, Etcd, Inventory, PgBouncer
+from deploy.inventory import DbNode, Etcd, Inventory
 from deploy.layout import Layout, Need, Rendered
 from deploy.network import Network, ip
 from deploy.runtime import (
@@ -46,7 +44,6 @@ from deploy.runtime import (
     program,
     run_unit,
     save_state,
-    spawn,
     wait_for,
 )
 from greenflask import servers
@@ -87,10 +84,6 @@ def postgres_version() -> int:
     return int(bin_dir().parts[-2])
 
 
-def folder() -> Path:
-    return CLUSTER_DIR / "ha"
-
-
 def node_names(count: int) -> list[str]:
     return [f"db{number}" for number in range(1, count + 1)]
 
@@ -105,28 +98,42 @@ def certificate_names(network: Network, count: int) -> dict[str, list[str]]:
 # --- start ---------------------------------------------------------------------------
 
 
-def start(state: State, network: Network, count: int, files: Credentials, pool: PgBouncer, router: Path) -> URL:
-    """etcd, `count` Patroni nodes and their HAProxy (`router`: its rendered unit, on
-    PgBouncer's host); returns, once a primary serves, the superuser's URL of the `postgres`
-    database through HAProxy's primary port."""
-    home = folder()
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.chown(home, RUN_AS)
+def make_secrets(files: Credentials) -> None:
+    """New passwords for the superuser, replication and pg_rewind: Patroni's environment file
+    (the same for every node), and the superuser's passfile and password file."""
     passwords = {role: credentials.new_password() for role in ("superuser", "replication", "rewind")}
+    credentials.write_private(files.patroni_env, units.environment_text(secrets_environment(passwords)))
     credentials.write_private(files.superuser_passfile, credentials.passfile("postgres", passwords["superuser"]))
     credentials.write_private(files.superuser_password, passwords["superuser"])
+
+
+def start(state: State, inventory: Inventory, files: Credentials, network: Network, root) -> URL:
+    """etcd, the Patroni nodes and their HAProxy (on PgBouncer's host), each from its rendered
+    unit (`root(name)`: that host's root); returns, once a primary serves, the superuser's URL
+    of the `postgres` database through HAProxy's primary port."""
+    pool = inventory.pgbouncer
     state["ha"] = {"etcd": None, "nodes": [], "haproxy": None, "router": str(pool.address),
                    "primary_port": pool.primary_port, "replicas_port": pool.replicas_port}
-    start_etcd(state, network)
-    for number, name in enumerate(node_names(count), 1):
-        node = {"name": name, "address": network.db_address(number), "namespace": network.db_namespace(number),
-                "config": str(home / f"{name}.yml"), "secrets": str(home / f"{name}.env"), "data_dir": str(home / name),
-                "patroni_pid": None}
-        write_node_config(node, state["ha"]["etcd"]["url"], network, files, passwords)
-        state["ha"]["nodes"].append(node)
-        run_node(state, node)
+    member = inventory.etcd[0]
+    client = f"http://{host_port(member.address, member.client_port)}"
+    pid = run_unit(root(member.name) / "etc/systemd/system/etcd.service", "etcd.log")
+    state["ha"]["etcd"] = {"pid": pid, "url": client}
+    save_state(state)
+    wait_for(lambda: servers.status_of(f"{client}/health") == 200 or not servers.is_alive(pid), "etcd")
+    if not servers.is_alive(pid):
+        raise click.ClickException(f"etcd exited: {log_tail('etcd.log')}")
+    for number, node in enumerate(inventory.db_nodes, 1):
+        home = root(node.name)
+        entry = {"name": node.name, "address": str(node.address), "namespace": network.db_namespace(number),
+                 "config": str(home / "etc/patroni/config.yml"),
+                 "unit": str(home / "etc/systemd/system/patroni.service"),
+                 "data_dir": str(home / f"var/lib/postgresql/{inventory.postgres_version}/greenflask"),
+                 "home": str(home / "var/lib/postgresql"), "patroni_pid": None}
+        state["ha"]["nodes"].append(entry)
+        run_node(state, entry)
+    router = root(pool.name) / "etc/systemd/system/haproxy-postgres.service"
     state["ha"]["haproxy"] = {"pid": run_unit(router, "haproxy-postgres.log"),
-                              "admin_socket": str(router.parents[3] / "run/haproxy-postgres/admin.sock")}
+                              "admin_socket": str(root(pool.name) / "run/haproxy-postgres/admin.sock")}
     save_state(state)
     url = superuser_url(state, files)
     wait_for(lambda: primary(state) is not None and accepts(url), "a Patroni primary behind HAProxy", within=120)
@@ -152,20 +159,6 @@ def etcd_environment(name: str, data_dir: str, client: str, peer: str, members: 
             "ETCD_INITIAL_CLUSTER_STATE": "new", "ETCD_INITIAL_CLUSTER_TOKEN": "greenflask"}
 
 
-def start_etcd(state: State, network: Network) -> None:
-    """One etcd member on the db network's bridge address (see the module's docstring)."""
-    executable = program("etcd", PACKAGES)
-    peer = f"http://127.0.0.1:{servers.free_port()}"
-    client = f"http://{network.bridge_address('db')}:{ETCD_PORT}"
-    env = etcd_environment("etcd1", str(folder() / "etcd"), client, peer, {"etcd1": peer})
-    state["ha"]["etcd"] = {"pid": spawn([executable], "etcd.log", env), "url": client}
-    save_state(state)
-    wait_for(lambda: servers.status_of(f"{client}/health") == 200 or not servers.is_alive(state["ha"]["etcd"]["pid"]),
-             "etcd")
-    if not servers.is_alive(state["ha"]["etcd"]["pid"]):
-        raise click.ClickException(f"etcd exited: {log_tail('etcd.log')}")
-
-
 def patroni_config(name: str, address: str, etcd_hosts: list[str], data_dir: str, bin_dir: str, pgpass: str,
                    socket_dir: str, ca_file: str, cert_file: str, key_file: str, clients: list[str]) -> str:
     """deploy/patroni.yml for one node; `clients`: the networks let in (a pg_hba line each)."""
@@ -181,34 +174,12 @@ def secrets_environment(passwords: dict) -> dict[str, str]:
     return {f"PATRONI_{role.upper()}_PASSWORD": passwords[role] for role in ("superuser", "replication", "rewind")}
 
 
-def write_node_config(node: NodeState, etcd_url: str, network: Network, files: Credentials, passwords: dict) -> None:
-    """deploy/patroni.yml for `node`, and its passwords in a file of their own (mode 600),
-    both owned by the user Patroni runs as."""
-    name = node["name"]
-    run_dir = folder() / f"{name}-run"
-    run_dir.mkdir(mode=0o700, exist_ok=True)
-    shutil.chown(run_dir, RUN_AS)
-    text = patroni_config(name, node["address"], [etcd_url.removeprefix("http://")], node["data_dir"], str(bin_dir()),
-                          str(folder() / f"{name}.pgpass"), str(run_dir), str(files.ca_cert), str(files.cert(name)),
-                          str(files.key(name)), [f"{network.bridge_address('db')}/24"])
-    credentials.write_private(Path(node["config"]), text, RUN_AS)
-    credentials.write_private(Path(node["secrets"]), units.environment_text(secrets_environment(passwords)), RUN_AS)
-
-
 def run_node(state: State, node: NodeState) -> None:
-    """Patroni for `node` in its namespace, as RUN_AS (setpriv execs: the PID is Patroni's),
-    its passwords in its environment, read from the node's file; its config checked first
-    by `patroni --validate-config`, which wants etcd up and the node's ports free."""
-    command = ["ip", "netns", "exec", node["namespace"], "setpriv", f"--reuid={RUN_AS}", f"--regid={RUN_AS}",
-               "--init-groups", program("patroni", PACKAGES)]
-    env = {**os.environ, "HOME": str(folder()), "USER": RUN_AS, "LOGNAME": RUN_AS,
-           **units.environment_file(Path(node["secrets"]).read_text())}
-    checked = subprocess.run([*command, "--validate-config", node["config"]], env=env, capture_output=True,
-                             text=True, timeout=60)
-    if checked.returncode != 0:
-        raise click.ClickException(f"{node['config']}: {(checked.stdout + checked.stderr).strip()[-1000:]}")
+    """Patroni for `node` from its rendered unit, in its namespace, as RUN_AS: the unit's
+    ExecStartPre (`patroni --validate-config`) first."""
+    env = {"HOME": node["home"], "USER": RUN_AS, "LOGNAME": RUN_AS}
+    node["patroni_pid"] = run_unit(Path(node["unit"]), f"{node['name']}.log", node["namespace"], env=env)
     node["validated"] = "patroni --validate-config: ok"
-    node["patroni_pid"] = spawn([*command, node["config"]], f"{node['name']}.log", env)
     save_state(state)
 
 
@@ -254,6 +225,8 @@ def render_node(inventory: Inventory, layout: Layout, node: DbNode) -> Rendered:
     host.add_unit("patroni.service", units.unit("Patroni: PostgreSQL of greenflask, with failover", [
         ("Type", "simple"), ("User", RUN_AS), ("Group", RUN_AS),
         ("EnvironmentFile", secrets),
+        # Patroni's own check of its config (it wants etcd up and this node's ports free).
+        ("ExecStartPre", f"/usr/bin/patroni --validate-config {layout.path(config)}"),
         ("ExecStart", f"/usr/bin/patroni {layout.path(config)}"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
         # Patroni stops PostgreSQL itself; killing only Patroni lets it do so cleanly.
@@ -267,6 +240,11 @@ def render_node(inventory: Inventory, layout: Layout, node: DbNode) -> Rendered:
         Need(tls[f"{node.name}.crt"], f"its certificate, naming {node.address} and {pool.address}", 0o644, RUN_AS,
              f"cert:{node.name}"),
         Need(tls[f"{node.name}.key"], "its certificate's key", owner=RUN_AS, kind=f"key:{node.name}"),
+        Need(layout.path("var/lib/postgresql"), "PostgreSQL's home (Debian's package makes it)", 0o755, RUN_AS,
+             "folder"),
+        Need(layout.path(f"var/lib/postgresql/{inventory.postgres_version}"), "where the data folder goes", 0o700,
+             RUN_AS, "folder"),
+        Need(layout.path("run/postgresql"), "the unix socket's folder (RuntimeDirectory=)", 0o755, RUN_AS, "folder"),
     ]
     return host
 
@@ -282,6 +260,8 @@ def render_etcd(inventory: Inventory, layout: Layout, member: Etcd) -> Rendered:
     host.add_unit("etcd.service", units.unit("etcd: where Patroni keeps greenflask's leader key", [
         ("Type", "notify"), ("User", "etcd"), ("EnvironmentFile", layout.path(env_file)),
         ("ExecStart", "/usr/bin/etcd"), ("Restart", "on-failure"), ("LimitNOFILE", "65536"), *units.BASELINE]))
+    host.needs.append(Need(layout.path("var/lib/etcd"), "etcd's home (Debian's package makes it)", 0o700, "etcd",
+                           "folder"))
     return host
 
 
@@ -405,4 +385,3 @@ def stop_all(state: State) -> None:
         if pid := postgres_pid(node):  # a PostgreSQL whose Patroni was killed
             servers.stop(pid, grace=10)
     servers.stop((ha.get("etcd") or {}).get("pid"), grace=5)
-    shutil.rmtree(folder(), ignore_errors=True)

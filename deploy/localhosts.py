@@ -1,8 +1,9 @@
 """The one-machine cluster as an inventory: its namespaces' addresses are the hosts, rendered
 by deploy/render.py into CLUSTER_DIR/rendered/<host>/ (each host's root), and each file of
 NEEDS put there from the cluster's own secrets (deploy/credentials.py), as an operator
-would on real hosts. The cluster then starts the balancer, the app hosts, PgBouncer and
-the database's HAProxy from their rendered units (runtime.run_unit).
+would on real hosts. The cluster then starts the balancer, the app hosts, PgBouncer, and
+with --ha etcd, Patroni and the database's HAProxy, from their rendered units
+(runtime.run_unit).
 """
 
 import getpass
@@ -101,7 +102,8 @@ def install_needs(hosts: list[Rendered], files: Credentials) -> None:
     """Each host's NEEDS from the cluster's own secrets: copied, with the mode NEEDS names and
     its owner where that user exists here (root otherwise), and the folders made."""
     sources = {"ca": files.ca_cert, "app_passfile": files.app_passfile, "auth_file": files.auth_file,
-               "admin_passfile": files.admin_passfile, "superuser_password": files.superuser_password}
+               "admin_passfile": files.admin_passfile, "superuser_password": files.superuser_password,
+               "patroni_secrets": files.patroni_env}
     for host in hosts:
         for need in host.needs:
             path = Path(need.path)
@@ -112,7 +114,7 @@ def install_needs(hosts: list[Rendered], files: Credentials) -> None:
                 kind, _, server = need.kind.partition(":")
                 source = {"cert": files.cert, "key": files.key}[kind](server) if server else sources.get(kind)
                 if source is None or not source.exists():
-                    continue  # a part the cluster does not run from the render (Patroni's secrets)
+                    continue  # not made in this mode (no CA with --direct, say)
                 shutil.copyfile(source, path)
             path.chmod(need.mode)
             if os.geteuid() == 0 and _user_exists(need.owner):

@@ -51,8 +51,9 @@ def run_unit(unit: Path, log_name: str, namespace: str | None = None, cwd: Path 
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     if command.user and os.geteuid() == 0 and _user_exists(command.user):
         prefix += ["setpriv", f"--reuid={command.user}", f"--regid={command.user}", "--init-groups"]
+    environment = {**os.environ, **command.env, **(env or {})}
     for before in command.before:
-        done = subprocess.run([*prefix, *before], capture_output=True, text=True, cwd=cwd)
+        done = subprocess.run([*prefix, *before], capture_output=True, text=True, cwd=cwd, env=environment)
         if done.returncode != 0:
             raise click.ClickException(f"{unit.name}: {' '.join(before)}: {(done.stdout + done.stderr).strip()}")
     argv = [command.argv[0], *(args or []), *command.argv[1:]]
@@ -134,7 +135,8 @@ class NodeState(TypedDict, total=False):
     address: str
     namespace: str
     config: str
-    secrets: str
+    unit: str
+    home: str  # its HOME (PostgreSQL's: var/lib/postgresql under its root)
     data_dir: str
     patroni_pid: int | None
     validated: str

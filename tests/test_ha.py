@@ -177,6 +177,7 @@ def test_patroni_validated_each_node_config_before_it_ran(cluster):
     report = cluster_status(env)
     assert [node["validated"] for node in report["db_nodes"]] == ["patroni --validate-config: ok"] * 3
     state = json.loads((Path(env["CLUSTER_DIR"]) / "state.json").read_text())
+    assert all(node["config"].startswith(f"{report['rendered']}/{node['name']}/") for node in state["ha"]["nodes"])
     for node in state["ha"]["nodes"]:  # its passwords are in its environment, not its config
         users = yaml.safe_load(Path(node["config"]).read_text())["postgresql"]["authentication"]
         assert not any("password" in user for user in users.values()), node["config"]
