@@ -55,7 +55,7 @@ def _on_event(event) -> None:
 
     if isinstance(event, EventLoopBlocked):
         blocker = id(event.greenlet)
-        _reports.append((time.monotonic(), blocker, list(event.info), requestid.running.get(blocker)))
+        _reports.append((time.monotonic(), blocker, list(event.info), requestid.running(event.greenlet)))
 
 
 def _report_forever() -> None:

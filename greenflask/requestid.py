@@ -12,9 +12,17 @@ from greenflask import logs
 
 HEADER = "X-Request-ID"
 SANE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# {id(greenlet): its request's id} while it serves one: gevent's monitor thread, which sees
-# only the greenlet that blocked the loop, names the request with it (loopblock.py).
-running: dict[int, str] = {}
+# Each greenlet keeps the id of the request it serves (or served last) in this attribute:
+# gevent's monitor thread, which sees only the greenlet that blocked the loop, names the
+# request with it (loopblock.py). An attribute, not a map cleared when the request ends: on
+# a loaded machine the report may come after the blocking request has ended, and it still
+# names that request; the attribute goes with the greenlet.
+ATTRIBUTE = "greenflask_request_id"
+
+
+def running(greenlet) -> str | None:
+    """The id of the request `greenlet` serves, or served last."""
+    return getattr(greenlet, ATTRIBUTE, None)
 
 
 def init_app(app: Flask) -> None:
@@ -28,7 +36,7 @@ def _begin() -> None:
     value = given if SANE.fullmatch(given) else uuid.uuid4().hex
     request.environ["greenflask.request_id"] = value
     request.environ["greenflask.request_id_token"] = logs.request_id.set(value)
-    running[id(getcurrent())] = value
+    setattr(getcurrent(), ATTRIBUTE, value)
 
 
 def _answer(response):
@@ -42,4 +50,3 @@ def _end(error: BaseException | None = None) -> None:
     token = request.environ.pop("greenflask.request_id_token", None)
     if token is not None:
         logs.request_id.reset(token)
-    running.pop(id(getcurrent()), None)
