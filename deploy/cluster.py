@@ -35,8 +35,8 @@ hosts' read-only sessions use through PgBouncer (DATABASE_READ_URL).
 `--ha` replaces the single PostgreSQL with nodes run by Patroni (deploy/ha.py): PgBouncer
 sends writes to the primary and reads to the replicas through a HAProxy that asks Patroni.
 `up` writes these hosts as an inventory and renders it (deploy/localhosts.py, the same
-render as real hosts get): HAProxy, the app hosts, PgBouncer, and with --ha etcd, Patroni
-and the database's HAProxy run their rendered units; Prometheus and the exporters do not yet.
+render as real hosts get), and every part runs its rendered unit (deploy/runtime.py's
+run_unit: there is no systemd here).
 What `up` starts is written to CLUSTER_DIR/state.json as it goes; `down` stops each by
 its PID and removes the namespaces and links, also after an `up` that failed half-way.
 CLUSTER_NET (default 10.77) picks the networks, so two clusters can run side by side.
@@ -133,9 +133,9 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, w
              "pgbouncer": None, "haproxy": None, "prometheus": None, "release": str(release)}
     save_state(state)
     try:
-        _bring_up(state, settings, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes)
+        _bring_up(state, settings, network, hosts, workers, port, pgbouncer_pool, direct, replica, db_nodes,
+                  with_monitoring)
         if with_monitoring:
-            monitoring.start_prometheus(state, settings.database_url)
             click.echo(f"Prometheus: {state['prometheus']['url']}, pid {state['prometheus']['pid']}")
     except BaseException:
         click.echo(f"up failed; stopping what started (logs in {CLUSTER_DIR})", err=True)
@@ -147,7 +147,7 @@ def up(hosts: int, workers: int, port: int, pgbouncer_pool: int, direct: bool, w
 
 
 def _bring_up(state: State, settings: Settings, network: Network, hosts: int, workers: int, port: int,
-              pgbouncer_pool: int, direct: bool, replica: bool, db_nodes: int) -> None:
+              pgbouncer_pool: int, direct: bool, replica: bool, db_nodes: int, with_monitoring: bool) -> None:
     if network.namespaces:
         click.echo(f"network: hosts in namespaces {network.namespace(1)}..{hosts}, front {network.net}.1.0/24, "
                    f"back {network.net}.2.0/24" + (f", database nodes {network.net}.3.0/24" if db_nodes else ""))
@@ -166,7 +166,8 @@ def _bring_up(state: State, settings: Settings, network: Network, hosts: int, wo
     def render(server, replica_url) -> tuple:
         """This cluster as an inventory, rendered (deploy/localhosts.py)."""
         inventory = localhosts.inventory(settings, network, port, hosts, workers, pgbouncer_pool, server, replica_url,
-                                         not direct, db_nodes, metrics_dirs, ha.postgres_version() if db_nodes else 15)
+                                         not direct, db_nodes, metrics_dirs, ha.postgres_version() if db_nodes else 15,
+                                         with_monitoring)
         rendered = localhosts.write(inventory, Path(state["release"]))
         state["rendered"] = str(localhosts.folder())
         save_state(state)
@@ -198,6 +199,8 @@ def _bring_up(state: State, settings: Settings, network: Network, hosts: int, wo
         ha.wait_until_replicated(state)
     else:
         inventory, rendered = render(app_url if direct else database_url, replica_url)
+        # PostgreSQL's exporter reads the superuser's password from a file (none over a socket).
+        credentials.write_private(files.superuser_password, database_url.password or "")
     state["passfile"] = str(files.app_passfile)
     save_state(state)
     click.echo(f"app role: {APP_ROLE}, its password in {state['passfile']} (mode 600)")
@@ -219,6 +222,8 @@ def _bring_up(state: State, settings: Settings, network: Network, hosts: int, wo
     admin_socket = state["haproxy"]["admin_socket"]
     wait_for(lambda: set(haproxy.server_states(admin_socket).values()) == {"UP"}, "HAProxy")
     click.echo(f"HAProxy: pid {state['haproxy']['pid']}, every host UP")
+    if with_monitoring:
+        monitoring.start(state, inventory, localhosts.host_root)
 
 
 @cli.command()
@@ -434,7 +439,6 @@ def _tear_down(state: State) -> None:
     servers.stop((state.get("prometheus") or {}).get("pid"), grace=10)
     servers.stop((state.get("postgres_exporter") or {}).get("pid"), grace=5)
     servers.stop((state.get("pgbouncer_exporter") or {}).get("pid"), grace=5)
-    shutil.rmtree(CLUSTER_DIR / "prometheus", ignore_errors=True)
     haproxy = (state.get("haproxy") or {}).get("pid")
     if servers.is_alive(haproxy):
         os.kill(haproxy, signal.SIGUSR1)

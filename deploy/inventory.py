@@ -81,6 +81,7 @@ class Prometheus(Host):
     port: Port = 9090
     postgres_exporter_port: Port = 9187
     retention: str = "1d"  # --storage.tsdb.retention.time
+    user: str = "prometheus"  # who runs Prometheus and PostgreSQL's exporter (Debian's packages: prometheus)
 
 
 class App(BaseModel):

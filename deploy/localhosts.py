@@ -1,8 +1,7 @@
 """The one-machine cluster as an inventory: its namespaces' addresses are the hosts, rendered
 by deploy/render.py into CLUSTER_DIR/rendered/<host>/ (each host's root), and each file of
 NEEDS put there from the cluster's own secrets (deploy/credentials.py), as an operator
-would on real hosts. The cluster then starts the balancer, the app hosts, PgBouncer, and
-with --ha etcd, Patroni and the database's HAProxy, from their rendered units
+would on real hosts. The cluster then starts every part from its rendered unit
 (runtime.run_unit).
 """
 
@@ -43,7 +42,7 @@ def unit(name: str, service: str) -> Path:
 
 def inventory(settings: Settings, network: Network, port: int, hosts: int, workers: int, pool_size: int,
               server: URL | None, replica: URL | None, pgbouncer: bool, db_nodes: int,
-              metrics_dirs: list[str], postgres_version: int = 15) -> model.Inventory:
+              metrics_dirs: list[str], postgres_version: int = 15, monitoring: bool = False) -> model.Inventory:
     """The inventory of this machine's cluster. `server`: the database (None with db_nodes);
     PgBouncer and the database router listen on the back bridge (127.0.0.2 when not root)."""
     data: dict = {
@@ -60,6 +59,10 @@ def inventory(settings: Settings, network: Network, port: int, hosts: int, worke
                              "user": pgbouncer_part.run_as_user(server) or getpass.getuser(),
                              "exporter_port": servers.free_port(),
                              "primary_port": servers.free_port(), "replicas_port": servers.free_port()}
+    if monitoring:  # on a loopback address of its own; run as PgBouncer is (the socket's owner)
+        data["prometheus"] = {"name": "prometheus", "address": "127.0.0.3", "port": servers.free_port(),
+                              "postgres_exporter_port": servers.free_port(),
+                              "user": pgbouncer_part.run_as_user(server) or getpass.getuser()}
     if db_nodes:
         data["db_nodes"] = [{"name": f"db{number}", "address": network.db_address(number)}
                             for number in range(1, db_nodes + 1)]

@@ -4,20 +4,16 @@ prometheus-postgres-exporter), PgBouncer's (deploy/pgbouncer_exporter.py), Patro
 """
 
 import json
-import shutil
-import sys
 
 import click
-from sqlalchemy.engine import make_url
 
 from deploy import units
-from deploy.credentials import Credentials
 from deploy.haproxy import PATRONI_PORT, host_port
 from deploy.inventory import Inventory
 from deploy.layout import Layout, Need, Rendered
 from deploy.pgbouncer import CA
-from deploy.runtime import CLUSTER_DIR, DEPLOY_DIR, State, log_tail, program, save_state, spawn, wait_for
-from greenflask import embedded, servers
+from deploy.runtime import DEPLOY_DIR, State, log_tail, run_unit, save_state, wait_for
+from greenflask import servers
 
 RULES = ("prometheus.yml", "alerts.yml", "recording.yml")
 EXPORTER = "/usr/bin/prometheus-postgres-exporter"
@@ -51,91 +47,66 @@ def render(inventory: Inventory, layout: Layout) -> Rendered:
             [(node.name, host_port(node.address, PATRONI_PORT)) for node in inventory.db_nodes]).items():
         host.add(f"{folder}/{name}", text)
     host.add_unit("prometheus.service", units.unit("Prometheus for greenflask", [
-        ("User", "prometheus"),
+        ("User", monitor.user),
         ("ExecStart", f"/usr/bin/prometheus --config.file={layout.path(folder + '/prometheus.yml')} "
                       f"--storage.tsdb.path={layout.path('var/lib/prometheus/greenflask')} "
                       f"--web.listen-address={host_port(monitor.address, monitor.port)} "
                       f"--storage.tsdb.retention.time={monitor.retention}"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"), ("Restart", "always"), *units.BASELINE]))
     # PostgreSQL's exporter reads the primary: through PgBouncer's host's HAProxy with
-    # db_nodes (so that it follows a failover), else the server itself.
+    # db_nodes (so that it follows a failover), else the server itself (over its unix socket
+    # where it names one, which needs no password).
     ca, password = layout.path("etc/prometheus/greenflask/tls/ca.crt"), layout.path(
         "etc/prometheus/greenflask/postgres.password")
+    server = inventory.postgres
     if inventory.db_nodes:
-        source = f"{host_port(pool.address, pool.primary_port)}/postgres?sslmode=verify-full&sslrootcert={ca}"
+        source = {"DATA_SOURCE_URI": f"{host_port(pool.address, pool.primary_port)}/postgres?sslmode=verify-full"
+                                     f"&sslrootcert={ca}"}
+    elif server.socket_dir:
+        source = {"DATA_SOURCE_NAME": f"postgresql://postgres@:{server.port}/{server.database}"
+                                      f"?host={server.socket_dir}&sslmode=disable"}
     else:
-        server = inventory.postgres
         tls = "disable" if server.address.is_loopback else f"verify-full&sslrootcert={ca}"
-        source = f"{host_port(server.address, server.port)}/{server.database}?sslmode={tls}"
+        source = {"DATA_SOURCE_URI": f"{host_port(server.address, server.port)}/{server.database}?sslmode={tls}"}
+    if "DATA_SOURCE_URI" in source:
+        source.update(DATA_SOURCE_USER="postgres", DATA_SOURCE_PASS_FILE=password)
+        host.needs.append(Need(password, "the password of PostgreSQL's superuser, alone on one line",
+                               owner=monitor.user, kind="superuser_password"))
     env_file = "etc/prometheus/greenflask/postgres-exporter.env"
-    host.add(env_file, units.environment_text({"DATA_SOURCE_URI": source, "DATA_SOURCE_USER": "postgres",
-                                                "DATA_SOURCE_PASS_FILE": password}))
+    host.add(env_file, units.environment_text(source))
     host.add_unit("prometheus-postgres-exporter.service", units.unit("PostgreSQL's exporter for Prometheus", [
-        ("User", "prometheus"), ("EnvironmentFile", layout.path(env_file)),
+        ("User", monitor.user), ("EnvironmentFile", layout.path(env_file)),
         ("ExecStart", f"{EXPORTER} --web.listen-address={postgres_exporter}"),
         ("Restart", "always"), *units.BASELINE]))
-    host.needs += [Need(ca, CA, 0o644, "prometheus", "ca"),
-                   Need(password, "the password of PostgreSQL's superuser, alone on one line", owner="prometheus",
-                        kind="superuser_password")]
+    host.needs += [Need(ca, CA, 0o644, monitor.user, "ca"),
+                   Need(layout.path("var/lib/prometheus"), "Prometheus's home (Debian's package makes it)", 0o755,
+                        monitor.user, "folder")]
     return host
 
 
 # --- the cluster's Prometheus -------------------------------------------------------------
 
 
-def start_postgres_exporter(state: State, database_url: str | None) -> str:
-    """Debian's prometheus-postgres-exporter for the primary (its connection string in the
-    environment, not in argv; with --ha, through HAProxy's primary port, so that it follows
-    a failover, its password read from a file); the address it serves on."""
-    executable = program("prometheus-postgres-exporter", "prometheus-postgres-exporter")
-    if state.get("ha"):
-        files = Credentials(CLUSTER_DIR)
-        env = {"DATA_SOURCE_URI": f"{state['ha']['router']}:{state['ha']['primary_port']}/postgres?sslmode=verify-full"
-                                  f"&sslrootcert={files.ca_cert}",
-               "DATA_SOURCE_USER": "postgres", "DATA_SOURCE_PASS_FILE": str(files.superuser_password)}
-    else:
-        url = make_url(database_url or embedded.embedded_url())
-        query = {"sslmode": "disable", **url.query} if "sslmode" not in url.query else dict(url.query)
-        env = {"DATA_SOURCE_NAME": url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)}
-    address = f"127.0.0.1:{servers.free_port()}"
-    pid = spawn([executable, f"--web.listen-address={address}"], "postgres-exporter.log", env)
-    state["postgres_exporter"] = {"pid": pid, "address": address}
-    save_state(state)
-    return address
+def start(state: State, inventory: Inventory, root) -> None:
+    """PgBouncer's exporter, PostgreSQL's and Prometheus, each from its rendered unit
+    (`root(name)`: that host's root)."""
+    def run(host: str, unit: str, key: str, address: str) -> int:
+        pid = run_unit(root(host) / "etc/systemd/system" / unit, f"{key.replace('_', '-')}.log")
+        state[key] = {"pid": pid, "address": address}
+        save_state(state)
+        wait_for(lambda: servers.status_of(f"http://{address}/metrics") == 200 or not servers.is_alive(pid), unit)
+        if not servers.is_alive(pid):
+            raise click.ClickException(f"{unit} exited: {log_tail(key.replace('_', '-') + '.log')}")
+        return pid
 
-
-def start_pgbouncer_exporter(state: State) -> str:
-    """deploy/pgbouncer_exporter.py for this cluster's PgBouncer; the address it serves on."""
-    address = f"127.0.0.1:{servers.free_port()}"
-    pgbouncer = state["pgbouncer"]
-    pid = spawn([sys.executable, "-m", "deploy.pgbouncer_exporter", "--listen", address, "--pgbouncer",
-                 pgbouncer["address"], "--passfile", pgbouncer["admin_passfile"], "--ca", pgbouncer["ca"]],
-                "pgbouncer-exporter.log")
-    state["pgbouncer_exporter"] = {"pid": pid, "address": address}
-    save_state(state)
-    wait_for(lambda: servers.status_of(f"http://{address}/metrics") == 200 or not servers.is_alive(pid),
-             "the PgBouncer exporter")
-    return address
-
-
-def start_prometheus(state: State, database_url: str | None) -> None:
-    """Prometheus with deploy/prometheus/ as it is, scraping every host's /metrics on its own
-    address and HAProxy's exporter; the targets are files it reads (file_sd)."""
-    executable = program("prometheus", "prometheus")
-    folder = CLUSTER_DIR / "prometheus"
-    (folder / "targets").mkdir(parents=True, exist_ok=True)
-    for name in ("prometheus.yml", "alerts.yml", "recording.yml"):
-        shutil.copy(DEPLOY_DIR / "prometheus" / name, folder / name)
-    postgres = start_postgres_exporter(state, database_url)
-    pgbouncer = start_pgbouncer_exporter(state) if state.get("pgbouncer") else None
-    nodes = [(node["name"], f"{node['address']}:{PATRONI_PORT}") for node in (state.get("ha") or {}).get("nodes", [])]
-    for name, text in targets([(host["name"], f"{host['address']}:{host['port']}") for host in state["hosts"]],
-                              state["haproxy"]["exporter"], postgres, pgbouncer, nodes).items():
-        (folder / name).write_text(text)
-    url = f"http://127.0.0.1:{servers.free_port()}"
-    pid = spawn([executable, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                 f"--web.listen-address={url.removeprefix('http://')}", "--storage.tsdb.retention.time=1d"],
-                "prometheus.log")
+    monitor, pool = inventory.prometheus, inventory.pgbouncer
+    if pool is not None:
+        run(pool.name, "greenflask-pgbouncer-exporter.service", "pgbouncer_exporter",
+            host_port(pool.address, pool.exporter_port))
+    run(monitor.name, "prometheus-postgres-exporter.service", "postgres_exporter",
+        host_port(monitor.address, monitor.postgres_exporter_port))
+    url = f"http://{host_port(monitor.address, monitor.port)}"
+    pid = run_unit(root(monitor.name) / "etc/systemd/system/prometheus.service", "prometheus.log")
     state["prometheus"] = {"pid": pid, "url": url}
     save_state(state)
     wait_for(lambda: servers.status_of(url + "/-/ready") == 200 or not servers.is_alive(pid), "Prometheus")

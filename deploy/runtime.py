@@ -40,24 +40,28 @@ def spawn(command: list[str], log_name: str, env: dict | None = None, cwd: Path 
     return servers.spawn(command, CLUSTER_DIR / log_name, env, cwd=cwd, detach=True).pid
 
 
-def run_unit(unit: Path, log_name: str, namespace: str | None = None, cwd: Path = PROJECT_DIR,
+def run_unit(unit: Path, log_name: str, namespace: str | None = None, cwd: Path | None = None,
              env: dict | None = None, args: list[str] | None = None) -> int:
     """Start what a rendered systemd unit runs, as systemd would, since there is none here: its
     ExecStartPre lines first (each must succeed), then its ExecStart with its environment
     (and `env`), as its User where that user exists on this machine (setpriv), in `namespace`
     (ip netns exec; both exec, so the PID is the program's); `args` go right after the
-    program. Returns that PID."""
+    program; `cwd` instead of its WorkingDirectory. Returns that PID."""
     command = units.command(unit)
+    cwd = cwd or command.working_directory or PROJECT_DIR
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
+    user_env = {}
     if command.user and os.geteuid() == 0 and _user_exists(command.user):
         prefix += ["setpriv", f"--reuid={command.user}", f"--regid={command.user}", "--init-groups"]
-    environment = {**os.environ, **command.env, **(env or {})}
+        # What systemd's User= sets too: libpq, say, looks in HOME for its files.
+        user_env = {"HOME": pwd.getpwnam(command.user).pw_dir, "USER": command.user, "LOGNAME": command.user}
+    environment = {**os.environ, **user_env, **command.env, **(env or {})}
     for before in command.before:
         done = subprocess.run([*prefix, *before], capture_output=True, text=True, cwd=cwd, env=environment)
         if done.returncode != 0:
             raise click.ClickException(f"{unit.name}: {' '.join(before)}: {(done.stdout + done.stderr).strip()}")
     argv = [command.argv[0], *(args or []), *command.argv[1:]]
-    return spawn([*prefix, *argv], log_name, {**command.env, **(env or {})}, cwd=cwd)
+    return spawn([*prefix, *argv], log_name, {**user_env, **command.env, **(env or {})}, cwd=cwd)
 
 
 def _user_exists(name: str) -> bool:

@@ -104,6 +104,7 @@ class Command:
     argv: list[str]
     env: dict[str, str]
     user: str | None
+    working_directory: Path | None
 
 
 def command(unit_path: Path) -> Command:
@@ -116,4 +117,5 @@ def command(unit_path: Path) -> Command:
             env.update(environment_file(Path(value.removeprefix("-")).read_text()))
     values = dict(service)
     return Command([shlex.split(value) for key, value in service if key == "ExecStartPre"],
-                   shlex.split(values["ExecStart"]), env, values.get("User"))
+                   shlex.split(values["ExecStart"]), env, values.get("User"),
+                   Path(values["WorkingDirectory"]) if values.get("WorkingDirectory") else None)
