@@ -20,7 +20,7 @@ from deploy import render
 from deploy.credentials import Credentials
 from deploy.layout import Rendered
 from deploy.network import SUBNETS, Network
-from deploy.runtime import CLUSTER_DIR, _user_exists
+from deploy.runtime import CLUSTER_DIR, user_exists
 from greenflask import servers
 from greenflask.settings import Settings
 
@@ -120,5 +120,5 @@ def install_needs(hosts: list[Rendered], files: Credentials) -> None:
                     continue  # not made in this mode (no CA with --direct, say)
                 shutil.copyfile(source, path)
             path.chmod(need.mode)
-            if os.geteuid() == 0 and _user_exists(need.owner):
+            if os.geteuid() == 0 and user_exists(need.owner):
                 shutil.chown(path, need.owner, need.owner)

@@ -112,25 +112,6 @@ def run_as_user(server: URL | None) -> str | None:
         return "nobody"
 
 
-def database_line(name: str, server: URL) -> str:
-    """One line of [databases]: `name` is the database PgBouncer's clients ask for."""
-    host = server.query.get("host") or server.host or "127.0.0.1"
-    return f"{name} = host={host} port={server.port or 5432} dbname={server.database}"
-
-
-def cluster_config(server: URL, listen_addr: str, listen_port: int, pool_size: int, max_client_conn: int,
-                   files: Credentials, statement_timeout_ms: int, replica: URL | None = None,
-                   socket_dir: Path | None = None, server_tls: bool = False) -> str:
-    """deploy/pgbouncer.ini with this cluster's values; `socket_dir` (else none) for the online
-    restart; `server_tls`: PostgreSQL is across a network (--ha), verify its certificate."""
-    databases = [database_line(server.database, server)]
-    if replica is not None:
-        databases.append(database_line(replica_database(server), replica))
-    return config(databases, listen_addr, listen_port, str(files.auth_file), str(files.cert("pgbouncer")),
-                  str(files.key("pgbouncer")), str(files.ca_cert), "verify-full" if server_tls else "disable",
-                  statement_timeout_ms, pool_size, max_client_conn, str(socket_dir or ""))
-
-
 def replica_database(server: URL) -> str:
     return f"{server.database}_replica"
 

@@ -51,7 +51,7 @@ def run_unit(unit: Path, log_name: str, namespace: str | None = None, cwd: Path 
     cwd = cwd or command.working_directory or PROJECT_DIR
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     user_env = {}
-    if command.user and os.geteuid() == 0 and _user_exists(command.user):
+    if command.user and os.geteuid() == 0 and user_exists(command.user):
         prefix += ["setpriv", f"--reuid={command.user}", f"--regid={command.user}", "--init-groups"]
         # What systemd's User= sets too: libpq, say, looks in HOME for its files.
         user_env = {"HOME": pwd.getpwnam(command.user).pw_dir, "USER": command.user, "LOGNAME": command.user}
@@ -64,7 +64,7 @@ def run_unit(unit: Path, log_name: str, namespace: str | None = None, cwd: Path 
     return spawn([*prefix, *argv], log_name, {**user_env, **command.env, **(env or {})}, cwd=cwd)
 
 
-def _user_exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
         return True

@@ -55,8 +55,11 @@ def pgbouncer(database_url):
     app, secret = pgbouncer_part.make_app_role(server, files)
     credentials.make_certificates(files, {"pgbouncer": ["127.0.0.1"]}, run_as)
     pgbouncer_part.write_pgbouncer_secrets(files, app, secret, run_as)
-    (folder / "pgbouncer.ini").write_text(pgbouncer_part.cluster_config(
-        app, "127.0.0.1", port, POOL_SIZE, 500, files, Settings.from_env().statement_timeout_ms))
+    socket_dir, database = app.query["host"], app.database
+    (folder / "pgbouncer.ini").write_text(pgbouncer_part.config(
+        [f"{database} = host={socket_dir} port={app.port or 5432} dbname={database}"], "127.0.0.1", port,
+        str(files.auth_file), str(files.cert("pgbouncer")), str(files.key("pgbouncer")), str(files.ca_cert),
+        "disable", Settings.from_env().statement_timeout_ms, POOL_SIZE, 500, ""))
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if run_as:
         command[1:1] = ["-u", run_as]
