@@ -55,9 +55,9 @@ def pgbouncer(database_url):
     app, secret = pgbouncer_part.make_app_role(server, files)
     credentials.make_certificates(files, {"pgbouncer": ["127.0.0.1"]}, run_as)
     pgbouncer_part.write_pgbouncer_secrets(files, app, secret, run_as)
-    socket_dir, database = app.query["host"], app.database
+    host, database = app.query.get("host") or app.host or "127.0.0.1", app.database  # a socket, or DATABASE_URL's
     (folder / "pgbouncer.ini").write_text(pgbouncer_part.config(
-        [f"{database} = host={socket_dir} port={app.port or 5432} dbname={database}"], "127.0.0.1", port,
+        [f"{database} = host={host} port={app.port or 5432} dbname={database}"], "127.0.0.1", port,
         str(files.auth_file), str(files.cert("pgbouncer")), str(files.key("pgbouncer")), str(files.ca_cert),
         "disable", Settings.from_env().statement_timeout_ms, POOL_SIZE, 500, ""))
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
