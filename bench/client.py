@@ -5,7 +5,9 @@ BENCHMARKS.md section 7.
    `loadtest.py --rate R` from 1 and from 2 processes (on schedule: late sends under 1 %)
    and wrk2 `-t2 -c64 -R R` (on schedule: it achieved 99 % of R), against two servers: the
    raw floor (bench/floor_wsgi.py, 2 gevent workers, GET /todos?limit=5) and a static answer
-   from HAProxy (a server that costs next to nothing: the clients' own limits).
+   from HAProxy (a server that costs next to nothing: the clients' own limits). Beside each,
+   the CPU each client spent a request and the cores the server used under wrk2: on one
+   machine the client's CPU is the server's loss.
 2. Five capacity searches in a row against one `gunicorn app:app -k gevent`
    (`--find-capacity --slo p99=50ms -d 10 /todos?limit=5`), then wrk2 at the rate found and
    a quarter above it: does a client no one here wrote put the knee in the same place?
@@ -20,6 +22,7 @@ BENCH_CLIENT_RATES ("500,1000,1500,2000,2500,3000,4000"), BENCH_CLIENT_SEARCHES 
 
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,7 +32,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import seed
-from bench.suite import FLOOR_APP, LOG, ROOT, TOOLS, libpq_dsn, publish, server
+from bench.suite import (
+    FLOOR_APP,
+    LOG,
+    ROOT,
+    TOOLS,
+    cpu_by_pid,
+    cpu_used,
+    libpq_dsn,
+    postgres_processes,
+    publish,
+    server,
+    server_processes,
+)
 from greenflask import embedded, servers
 from greenflask.settings import Settings
 from loadtester import capacity
@@ -61,19 +76,31 @@ def open_loop(url: str, rate: int, processes: int) -> dict:
                       "--timeout", str(TIMEOUT), "--quiet", "--url", url, PATH)["reports"][0]
     late = report["late_sends"] / max(report["requests"], 1)
     late_p99 = report["lateness"]["p99"]
+    cost = report["client_cpu"]
     return {"late": late, "late_p99": late_p99, "achieved": report["rate_achieved"],
             "p99": report["latency_corrected"]["p99"], "kept": late < 0.01,
+            "cpu": cost["seconds"] / max(cost["requests"], 1),
             "kept_search": late_p99 <= capacity.STEP_LATE and report["rate_achieved"] >= 0.99 * rate}
 
 
-def wrk2(url: str, rate: float, seconds: float) -> dict:
-    """wrk2 -t2 -c64 -R RATE: its achieved rate and its (corrected) p99."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wrk2(url: str, rate: float, seconds: float, server_processes=None) -> dict:
+    """wrk2 -t2 -c64 -R RATE: its achieved rate, its (corrected) p99, the CPU it spent a
+    request, and the server's cores meanwhile (`server_processes()`: its processes)."""
+    before, server_before = children_cpu(), cpu_by_pid(server_processes()) if server_processes else {}
     out = subprocess.run([wrk2_path(), "-t2", "-c64", f"-d{seconds:g}s", f"-R{rate:g}", "--latency", url + PATH],
                          capture_output=True, text=True, check=False).stdout
+    spent = children_cpu() - before
+    server_cores = cpu_used(server_before, cpu_by_pid(server_processes())) / seconds if server_processes else None
     achieved = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     value, unit = re.search(r"99\.000%\s+([\d.]+)(us|ms|s|m)\b", out).groups()
     p99 = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
-    return {"achieved": achieved, "p99": p99, "kept": achieved >= 0.99 * rate}
+    return {"achieved": achieved, "p99": p99, "kept": achieved >= 0.99 * rate,
+            "cpu": spent / max(achieved * seconds, 1), "server_cores": server_cores}
 
 
 @contextmanager
@@ -95,19 +122,19 @@ frontend static
     process = servers.spawn([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(config)], LOG)
     try:
         servers.wait_until(lambda: servers.port_open("127.0.0.1", port), "haproxy")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process.pid
     finally:
         servers.stop(process.pid)
         shutil.rmtree(config.parent)
 
 
-def schedule_rows(url: str) -> list[dict]:
+def schedule_rows(url: str, server_processes) -> list[dict]:
     rows = []
     for rate in TOOLS.bench_client_rates:
         row = {"rate": rate, "p1": open_loop(url, rate, 1), "p2": open_loop(url, rate, 2)}
         if wrk2_path():
             # wrk2 calibrates for its first 10 s and reports the rest: shorter runs understate it.
-            row["wrk2"] = wrk2(url, rate, max(TOOLS.bench_client_seconds, WRK2_CHECK_SECONDS))
+            row["wrk2"] = wrk2(url, rate, max(TOOLS.bench_client_seconds, WRK2_CHECK_SECONDS), server_processes)
         print(f"  {rate}/s: {row}", flush=True)
         rows.append(row)
     return rows
@@ -145,15 +172,21 @@ def render(by_server: dict[str, list[dict]], search: dict) -> str:
              f"per run (wrk2 {max(seconds, WRK2_CHECK_SECONDS):g} s: its first 10 s are calibration), the clients "
              "alternating per rate; wrk2 on schedule = it achieved 99 % of the rate asked. Cells: the "
              "share of sends more than 1 ms late and the 99th percentile of how late they left, or wrk2's "
-             "achieved rate; then the corrected p99.", ""]
+             "achieved rate; then the corrected p99; then the CPU the client spent a request (loadtest.py: "
+             "its processes' own; wrk2: the whole command) and, beside wrk2, the cores the server used meanwhile "
+             "(the floor's: its workers and PostgreSQL).", ""]
     for name, rows in by_server.items():
         lines += [f"### {name}", "", "| rate | loadtest.py, 1 process | loadtest.py, 2 processes | wrk2 -t2 -c64 |",
                   "|---|---|---|---|"]
         for row in rows:
             cells = [f"{row[key]['late']:.1%} late, p99 {row[key]['late_p99'] * 1000:.1f} ms late; "
-                     f"{row[key]['p99'] * 1000:.1f} ms" for key in ("p1", "p2")]
-            cells.append(f"{row['wrk2']['achieved']:,.0f}/s, {row['wrk2']['p99'] * 1000:.1f} ms" if "wrk2" in row
-                         else "no wrk2")
+                     f"{row[key]['p99'] * 1000:.1f} ms; {row[key]['cpu'] * 1e6:.0f} µs" for key in ("p1", "p2")]
+            if "wrk2" in row:
+                shown = row["wrk2"]
+                cells.append(f"{shown['achieved']:,.0f}/s, {shown['p99'] * 1000:.1f} ms; {shown['cpu'] * 1e6:.0f} µs; "
+                             f"server {shown['server_cores']:.2f} cores")
+            else:
+                cells.append("no wrk2")
             lines.append(f"| {row['rate']:,} | " + " | ".join(cells) + " |")
         best = {key: highest(rows, key) for key in ("p1", "p2", "wrk2")}
         by_search = {key: highest(rows, key, "kept_search") for key in ("p1", "p2")}
@@ -190,12 +223,13 @@ def main() -> None:
         print("no wrk2 (BENCH_WRK2 or wrk2 on PATH): its columns are skipped", flush=True)
     by_server = {}
     print("1/3 the floor ...", flush=True)
-    with server(["-k", "gevent", "-w", "2"], {"BENCH_DSN": libpq_dsn(url)}, FLOOR_APP, "/todos") as (base_url, _):
-        by_server["Against the raw floor (2 gevent workers, GET /todos?limit=5)"] = schedule_rows(base_url)
+    with server(["-k", "gevent", "-w", "2"], {"BENCH_DSN": libpq_dsn(url)}, FLOOR_APP, "/todos") as (base_url, pid):
+        by_server["Against the raw floor (2 gevent workers, GET /todos?limit=5)"] = schedule_rows(
+            base_url, lambda: [*server_processes(pid), *postgres_processes()])
     print("2/3 a static answer ...", flush=True)
-    with static_answer() as base_url:
+    with static_answer() as (base_url, pid):
         by_server["Against a static answer (HAProxy `http-request return`): the clients' own limit"] = \
-            schedule_rows(base_url)
+            schedule_rows(base_url, lambda: server_processes(pid))
     print("3/3 five searches ...", flush=True)
     search = searches(url)
     publish(SECTION, render(by_server, search))

@@ -60,7 +60,7 @@ def run(url: str, count: int, seconds: float, routes: list[str], timeout: float,
             wall = max((outcome.done_at for outcome in outcomes), default=0.0)
             print(f"\t= {wall:5.2f}s TOTAL", flush=True)
             report = summarize(name, route_url, outcomes, wall, seconds, started_at=start_at,
-                               processes=fleet.processes)
+                               processes=fleet.processes, client_cpu=(fleet.cpu, len(outcomes)))
             report.wall_named = name_walls(report, stats)
             if not quiet:
                 print_summary(report)

@@ -38,7 +38,7 @@ def run(url: str, path: str, concurrency: int, duration: float, timeout: float, 
         outcomes = [outcome for part in results for outcome in part]
         wall = max([duration, *(outcome.done_at for outcome in outcomes)])
         report = summarize(f"closed loop c={concurrency}", url + path, outcomes, wall, started_at=start_at,
-                           processes=fleet.processes)
+                           processes=fleet.processes, client_cpu=(fleet.cpu, len(outcomes)))
     console.print(f"{report.requests} requests in {report.wall:.2f}s to {report.url}, {concurrency} workers "
                   f"in {report.processes} process{'es' * (report.processes > 1)}")
     if not quiet:

@@ -14,6 +14,7 @@ jobs (a capacity search's steps); they ignore SIGINT: the parent owns Ctrl-C and
 import asyncio
 import multiprocessing
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -82,6 +83,12 @@ class Share:
         return range(self.index, total, self.processes)
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _serve(connection, index: int, processes: int, shared) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     live = Counters(shared, index)
@@ -91,12 +98,13 @@ def _serve(connection, index: int, processes: int, shared) -> None:
     while (message := connection.recv()) is not None:
         job, args = message
         live.reset()
+        before = cpu_seconds()
         try:
             result = loop.run_until_complete(job(Share(index, processes, live, connection), *args))
         except Exception as error:  # noqa: BLE001 - sent to the parent, which names it in one line
             connection.send(("error", f"{type(error).__name__}: {error}"))
         else:
-            connection.send(("ok", result))
+            connection.send(("ok", (result, cpu_seconds() - before)))
     loop.close()
 
 
@@ -109,6 +117,7 @@ class Fleet:
         self._context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         self._shared = self._context.Array("q", len(FIELDS) * self.processes, lock=False)
         self._workers: list = []
+        self.cpu = 0.0  # CPU seconds the processes spent on the last job (what the client cost)
 
     def __enter__(self) -> "Fleet":
         for index in range(self.processes):
@@ -142,14 +151,16 @@ class Fleet:
     def run(self, job, *args, on_tick=None) -> tuple[list, float]:
         """Run the coroutine function `job(share, *args)` in every process from one start
         (`await share.start()`); (each process's result, the start on the wall clock).
-        `on_tick(totals)` while waiting."""
+        `on_tick(totals)` while waiting; `self.cpu` after it: the CPU the job cost them."""
         for _, connection in self._workers:
             connection.send((job, args))
         self._gather("ready")
         start_at = time.time() + START_LEAD
         for _, connection in self._workers:
             connection.send(start_at)
-        return self._gather("ok", on_tick), start_at
+        done = self._gather("ok", on_tick)
+        self.cpu = sum(cpu for _, cpu in done)
+        return [result for result, _ in done], start_at
 
     def _gather(self, wanted: str, on_tick=None) -> list:
         """Every process's next message, which must be `wanted`: their values in index order."""

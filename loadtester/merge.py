@@ -67,6 +67,7 @@ def merge(shards: dict[str, Report], mode: str) -> Report:
         processes=sum(report.processes for report in reports),
         histograms={kind: encode(made) for kind, made in histograms.items()},
         client_behind=any(report.client_behind for report in reports),
+        client_cpu=summed(report.client_cpu for report in reports),
     )
     if mode == "open":
         merged.rate_asked = sum(report.rate_asked for report in reports)

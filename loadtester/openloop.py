@@ -45,13 +45,14 @@ def measure(fleet: Fleet, url: str, rate: float, duration: float, timeout: float
     results, start_at = fleet.run(_share, url, rate, warmup + duration, timeout, give_up_behind, on_tick=on_tick)
     # A send may leave up to SLEEP_OVERSHOOT early, so its intended time is known to about that.
     outcomes = [outcome for part, _, _ in results for outcome in part]
+    client_cpu = (fleet.cpu, len(outcomes))
     if warmup:
         outcomes = [dataclasses.replace(outcome, done_at=outcome.done_at - warmup) for outcome in outcomes
                     if outcome.intended_at >= warmup - 0.5 / rate]
     send_window = max(0.0, max(window for _, window, _ in results) - warmup)
     wall = max([send_window, *(outcome.done_at for outcome in outcomes)])
     report = summarize(f"open loop {rate:g}/s", url, outcomes, wall, rate=rate, send_window=send_window,
-                       started_at=start_at + warmup, processes=fleet.processes)
+                       started_at=start_at + warmup, processes=fleet.processes, client_cpu=client_cpu)
     report.client_behind = any(behind for _, _, behind in results)
     return report, outcomes
 

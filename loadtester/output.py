@@ -32,6 +32,8 @@ def print_summary(report: Report) -> None:
     colour = "green" if report.all_ok else "red"
     errors_shown = f"   [red]errors: {errors}[/]" if errors else ""
     console.print(f"  [bold]answers[/]   [{colour}]{statuses or '-'}[/]{errors_shown}")
+    if report.client_cpu.get("requests"):
+        print_client_cost(report)
     if report.rate_asked is not None:
         print_schedule(report)
         return
@@ -49,6 +51,14 @@ def print_summary(report: Report) -> None:
         console.print(line)
     if report.wall_named:
         console.print(f"  [bold]wall[/]      {report.wall_named}")
+
+
+def print_client_cost(report: Report) -> None:
+    """What the client cost: a client that spends most of a core per process is near its own
+    limit, and on the server's machine it takes that CPU from the server (BENCHMARKS.md 7)."""
+    seconds, requests = report.client_cpu["seconds"], report.client_cpu["requests"]
+    console.print(f"  [bold]client[/]    {seconds / requests * 1e6:.0f} µs of CPU a request, {seconds:.2f} s over "
+                  f"{report.processes} process{'es' * (report.processes > 1)}")
 
 
 def print_schedule(report: Report) -> None:

@@ -81,6 +81,9 @@ class Report:
     started_at: float = 0.0  # the run's start, seconds since the epoch (for merging shards)
     send_window: float = 0.0  # seconds over which it sent
     processes: int = 1
+    # What the client itself cost: CPU seconds (user + system) over its processes and the
+    # requests they sent for it (a warm-up's included): {"seconds": 0.9, "requests": 5000}.
+    client_cpu: dict = field(default_factory=dict)
     histograms: dict = field(default_factory=dict)  # "service" (and "corrected"): encode()d
     timeline: list = field(default_factory=list)  # open loop: [slice start s, sent, max corrected s, max service s]
 
@@ -133,9 +136,10 @@ def timeline(outcomes: list[Outcome]) -> list[list[float]]:
 
 def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds: float | None = None,
               rate: float | None = None, send_window: float | None = None, started_at: float = 0.0,
-              processes: int = 1) -> Report:
+              processes: int = 1, client_cpu: tuple[float, int] | None = None) -> Report:
     """The one summary of every mode: `seconds` (the sleep) for a burst's waves and
-    efficiency, `rate` and `send_window` for an open loop's schedule figures."""
+    efficiency, `rate` and `send_window` for an open loop's schedule figures, `client_cpu`
+    (CPU seconds, requests sent) for what the client cost."""
     service = histogram(outcome.latency for outcome in outcomes)
     done_times = sorted(outcome.done_at for outcome in outcomes)
     report = Report(
@@ -150,6 +154,8 @@ def summarize(name: str, url: str, outcomes: list[Outcome], wall: float, seconds
         send_window=send_window if send_window is not None else wall, processes=processes,
         histograms={"service": encode(service)},
     )
+    if client_cpu is not None:
+        report.client_cpu = {"seconds": client_cpu[0], "requests": client_cpu[1]}
     if seconds is not None:
         gap = wave_gap(seconds)
         report.efficiency = min(seconds / wall, 1.0) if wall and seconds else None

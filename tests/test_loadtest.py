@@ -204,6 +204,9 @@ def test_the_open_loop_spread_over_processes_keeps_one_schedule(tmp_path):
     counts = [row[1] for row in report["timeline"]]
     assert sum(counts) == 800 and all(abs(count - 100) <= 5 for count in counts), counts
     assert "from 2 processes" in result.stdout
+    # What the client cost is measured in its processes: every request of the run, some CPU.
+    assert report["client_cpu"]["requests"] == 800 and report["client_cpu"]["seconds"] > 0
+    assert "µs of CPU a request" in result.stdout
 
 
 def test_the_closed_loop_spread_over_processes(three_slots, tmp_path):
@@ -245,6 +248,8 @@ def test_shards_run_apart_merge_into_one_report(tmp_path):
     found = json.loads((tmp_path / "m.json").read_text())
     report = found["reports"][0]
     assert found["mode"] == "open" and report["requests"] == 400 and report["statuses"] == {"200": 400}
+    assert report["client_cpu"]["requests"] == 400
+    assert report["client_cpu"]["seconds"] == sum(part["client_cpu"]["seconds"] for part in parts)
     assert report["rate_asked"] == 200 and 180 < report["rate_achieved"] < 220
     p99s = sorted(part["latency_corrected"]["p99"] for part in parts)
     assert p99s[0] <= report["latency_corrected"]["p99"] <= p99s[1]
