@@ -54,6 +54,7 @@ PATH = "/todos?limit=5"
 SLO = "p99=50ms"
 WRK2_CHECK_SECONDS = 20
 SEARCH_STEP_SECONDS = 10
+SEARCH_MAX_SECONDS = 360  # 10 s steps, each miss confirmed: the default 180 s would end a search early
 TIMEOUT = 2  # seconds per request: a run past the server's knee holds fewer sockets
 
 
@@ -144,7 +145,8 @@ def searches(url: str) -> dict:
     found = []
     with server(["-k", "gevent"], {"DATABASE_URL": url}) as (base_url, _):
         for index in range(TOOLS.bench_client_searches):
-            search = loadtest("--find-capacity", "--slo", SLO, "-d", str(SEARCH_STEP_SECONDS), "--url", base_url, PATH)
+            search = loadtest("--find-capacity", "--slo", SLO, "-d", str(SEARCH_STEP_SECONDS), "--max-seconds",
+                              str(SEARCH_MAX_SECONDS), "--url", base_url, PATH)
             capacity = search["capacity"] or {}
             print(f"  search {index + 1}: {capacity.get('line', 'no answer')}", flush=True)
             found.append({"rate": capacity.get("rate"), "line": capacity.get("line", "no answer"),
@@ -200,7 +202,8 @@ def render(by_server: dict[str, list[dict]], search: dict) -> str:
                   f"{ratio(by_search['p2'], best['wrk2'])}; "
                   f"wrk2 {shown['wrk2']}.", ""]
     lines += ["### Five searches in a row", "",
-              f"`loadtest.py --find-capacity --slo {SLO} -d {SEARCH_STEP_SECONDS} {PATH}` against one "
+              f"`loadtest.py --find-capacity --slo {SLO} -d {SEARCH_STEP_SECONDS} --max-seconds {SEARCH_MAX_SECONDS} "
+              f"{PATH}` against one "
               "`gunicorn app:app -k gevent`:", "",
               "| search | answer | steps | runs |", "|---|---|---|---|"]
     for index, row in enumerate(search["searches"], 1):

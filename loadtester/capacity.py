@@ -4,9 +4,12 @@ Steps double from the start rate while they meet it, then bisect between the hig
 that met it and the lowest that missed. What keeps five searches in a row together:
 - every step first sends for `warmup` seconds that do not count (new connections, the
   server's pool growing to the new concurrency);
-- a step near the boundary (its percentile or its errors within a factor of two of the
-  allowance) runs again until two runs agree, and its figure is their median, so that one
-  noisy run cannot move the bounds;
+- a step that misses, or that meets near the boundary (its percentile or its errors within
+  a factor of two of the allowance), runs again until two runs agree, and its figure is
+  their median, so that one noisy run cannot move the bounds. Every miss is confirmed
+  because a shared machine's noise only adds latency: a pause of the server's host or a
+  neighbour's burst of CPU can make one run miss far from the knee, and nothing can make a
+  run meet by chance far past it;
 - the answer is printed with the runs' spread at the two rates that decided it.
 Whose miss it was: "the client cannot keep R/s" only when this client's sends were late
 while the server still answered within the SLO (service latency, from the actual send);
@@ -39,7 +42,7 @@ CLOSE_ENOUGH = 0.1  # the bisection stops when the gap between a met and a misse
 # A run is near the boundary when its percentile is within this factor of the SLO, or the share
 # of its answers slower than the SLO (or of its errors) within this factor of the share allowed.
 NEAR = 2.0
-MOST_RUNS = 3  # a step near the boundary runs until two runs agree: at most three
+MOST_RUNS = 3  # a step that misses or meets near the boundary runs until two runs agree: at most three
 STEP_SECONDS = 5.0  # -d of a step when not given
 # Before each run, the server must answer this many GETs in a row within the SLO (for at
 # most SETTLE_SECONDS): a step past the knee leaves requests queued in the server after its
@@ -198,8 +201,11 @@ class Search:
         return combine(runs) if runs else None
 
     def unsettled(self, runs: list[Step]) -> bool:
-        """A rate whose first run was near the boundary runs until two runs agree (at most MOST_RUNS)."""
-        return near(runs[0], self.percentile, self.slo) and not agreed(runs) and len(runs) < MOST_RUNS
+        """A rate whose first run missed, or met near the boundary, runs until two runs agree
+        (at most MOST_RUNS). A client that fell behind is not the server's miss: not repeated."""
+        first = runs[0]
+        doubtful = (not first.met and not first.client_behind) or near(first, self.percentile, self.slo)
+        return doubtful and not agreed(runs) and len(runs) < MOST_RUNS
 
     def run(self, fleet: Fleet, start: float, max_rate: float, max_seconds: float, on_step) -> None:
         began, rate = time.monotonic(), min(start, max_rate)
@@ -257,8 +263,9 @@ def print_header(search: Search, start: float, max_rate: float, max_seconds: flo
     console.print(f"searching the highest rate on {search.url} with {search.percentile} <= {ms(search.slo)} "
                   f"(corrected), errors and late sends under {ERRORS_ALLOWED:.0%}: steps of {search.warmup:g} s "
                   f"warm-up + {search.duration:g} s from {start:g}/s, doubling then bisecting, never above "
-                  f"{max_rate:g}/s, from {processes} process{'es' * (processes > 1)}; a step near the SLO runs "
-                  f"until two runs agree; requests timed out after {search.timeout:g} s; done within "
+                  f"{max_rate:g}/s, from {processes} process{'es' * (processes > 1)}; a missed step, or one "
+                  f"near the SLO, runs until two runs agree; requests timed out after {search.timeout:g} s; "
+                  f"done within "
                   f"{max_seconds:g} s")
     console.print(f"  {'asked/s':>9} {'achieved':>9}  {search.percentile + ' corr.':>10}  {'service':>10}  "
                   f"{'errors':>6}  {'late':>6}  {'in flight':>9}  runs  verdict")

@@ -128,7 +128,7 @@ def test_the_search_stops_within_its_time_and_on_ctrl_c(knee_server):
                                    "/fast", "--url", fast.url], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = []
-        while not any("meets" in line for line in lines):
+        while not any(line.rstrip().endswith("meets") for line in lines):  # a step's row, not the header
             lines.append(search.stdout.readline())
             assert lines[-1], "the search ended before its first step: " + "".join(lines)
         search.send_signal(signal.SIGINT)
@@ -164,6 +164,23 @@ def test_runs_of_one_rate_take_the_majority_and_its_median():
     combined = capacity.combine([run_of(0.2), run_of(0.004), run_of(0.006)])
     assert combined.met and combined.latency == 0.005 and combined.runs == [0.2, 0.004, 0.006]
     assert not capacity.combine([run_of(0.2), run_of(0.3)]).met
+
+
+def test_every_miss_is_confirmed_and_a_clear_meet_is_not():
+    """A machine's noise only adds latency: one run far over the SLO may be a pause of the
+    host, so it runs again; one far under it cannot be luck; a client behind is not the server's."""
+    search = capacity.Search("http://x", "p99", 0.05, 1.0, 0.0, 1.0)
+
+    def run_of(latency, client_behind=False):
+        verdict = "client behind" if client_behind else "meets" if latency <= 0.05 else "misses p99"
+        return capacity.Step(300, 300, latency, latency, 0.0, 0.0, 0.0, client_behind, verdict, runs=[latency])
+
+    assert search.unsettled([run_of(2.0)]), "a miss ten times over the SLO runs again"
+    assert search.unsettled([run_of(2.0), run_of(0.004)]), "one each way: a third decides"
+    assert not search.unsettled([run_of(2.0), run_of(0.3)]), "two misses agree"
+    assert not search.unsettled([run_of(0.004)]), "a clear meet stands"
+    assert search.unsettled([run_of(0.04)]), "a meet near the SLO runs again"
+    assert not search.unsettled([run_of(0.3, client_behind=True)])
 
 
 def test_a_step_waits_for_the_backlog_the_last_one_left():
