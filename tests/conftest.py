@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -264,6 +265,29 @@ def cluster_up(env: dict, *args: str):
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         prefix = "gf" + env["CLUSTER_NET"].split(".")[1] + "-"
         assert prefix not in namespaces, "down removed the namespaces"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def release_before(path: str, into: Path) -> Path | None:
+    """The code as it was just before the commit that added `path` (git archive of its
+    parent), in `into`: the release a rollout replaces. None where there is no such
+    history (a checkout without .git, or a shallow one)."""
+    try:
+        added = subprocess.run(["git", "-C", str(PROJECT_DIR), "log", "--format=%H", "--diff-filter=A", "--", path],
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        added = []
+    if not added:
+        return None
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(PROJECT_DIR), "archive", f"{added[-1]}^"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 WRITES_PER_SECOND = 20

@@ -22,17 +22,17 @@ from conftest import (
     cluster_marks,
     cluster_status,
     cluster_up,
+    get_json,
     in_background,
     loadtest_report,
     run_cluster,
-    writes,
 )
 
 from deploy import units
 from deploy.haproxy import server_rows as haproxy_servers
 from deploy.inventory import load as load_inventory
 from deploy.pgbouncer import admin as pgbouncer_admin
-from greenflask import PROJECT_DIR, embedded, servers
+from greenflask import embedded, servers
 from greenflask.settings import Settings
 
 pytestmark = cluster_marks("pgbouncer", "haproxy")
@@ -90,11 +90,6 @@ def under_load(url: str, action, rate: int = 100, seconds: float = 8):
     result = action()
     running.join()
     return result, running.result
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return json.loads(answer.read())
 
 
 def failed(figures: dict) -> int:
@@ -243,75 +238,6 @@ def test_rollout_replaces_every_host_dropping_nothing(cluster, cluster_env, figu
     figure(f"rollout of 3 hosts under 150 GET/s with 30 sleeps and 10 pg_sleeps of 6 s in flight: "
            f"{figures['requests']} requests, 0 failed, max {figures['latency_service']['max'] * 1000:.0f} ms; "
            f"slow ones all 200; " + "; ".join(lines))
-
-
-def release_before(path: str, into: Path) -> Path:
-    """The code as it was just before the commit that added `path` (git archive of its
-    parent), in `into`: the release a rollout replaces. Skips where there is no history."""
-    try:
-        added = subprocess.run(["git", "-C", str(PROJECT_DIR), "log", "--format=%H", "--diff-filter=A", "--", path],
-                               capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        added = []
-    if not added:
-        pytest.skip(f"no git history that adds {path} (a checkout without .git, or a shallow one)")
-    into.mkdir()
-    archive = subprocess.run(["git", "-C", str(PROJECT_DIR), "archive", f"{added[-1]}^"], capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
-def todo_keys(url: str) -> set[str]:
-    return set(get_json(url + "/todos?limit=1")["todos"][0])
-
-
-def test_a_migration_during_a_rollout_under_load_drops_nothing(tmp_path, figure):
-    """Expand -> deploy: the cluster runs the release before todos.due_at; `rollout` of this
-    checkout first applies its migrations (0003 adds the column, 0004 validates its range)
-    while the old hosts serve, then replaces every host, all under 100 reads/s and 50
-    writes/s. No request fails, and every acknowledged write reads back with the new field.
-    A PostgreSQL of its own (CLUSTER_NET 10.84): the module's is at head already."""
-    old = release_before("migrations/versions/0003_todos_due_at.py", tmp_path / "release-before")
-    with cluster_environment("10.84") as cluster_env, \
-            cluster_up(cluster_env, "--hosts", "3", "--release", str(old)) as balancer:
-        assert "due_at" not in todo_keys(balancer), "the old release knows no due_at"
-        written = in_background(writes, balancer, 24, "rollout", 50)
-        read = in_background(load, balancer, 24, 100)
-        time.sleep(3)
-        rolled = run_cluster(cluster_env, "rollout", timeout=200)
-        written.join()
-        read.join()
-        acknowledged = [record["id"] for record in written.result if record["id"] is not None]
-        read_back = [get_json(f"{balancer}/todos/{todo_id}") for todo_id in acknowledged]
-        due = "2027-03-01T09:00:00+00:00"
-        made = run_post(balancer, {"title": "due after the rollout", "due_at": due})
-        made_back = get_json(f"{balancer}/todos/{made['id']}")
-        hosts = cluster_status(cluster_env)["hosts"]
-
-    assert rolled.returncode == 0, rolled.stderr + rolled.stdout
-    schema = rolled.stdout.splitlines()[0]
-    assert schema.startswith("schema: alembic upgrade head") and "0002 -> 0003, 0003 -> 0004" in schema, schema
-    attempts = [attempt for record in written.result for attempt in record["attempts"]]
-    assert len(acknowledged) == len(written.result) == 24 * 50
-    assert [status for _, status, _ in attempts] == [201] * len(attempts), "every write answered 201 at once"
-    assert all(todo["due_at"] is None and todo["id"] == todo_id for todo, todo_id in zip(read_back, acknowledged,
-                                                                                         strict=True))
-    figures = read.result
-    assert figures["statuses"] == {"200": figures["requests"]} and not figures["errors"], figures["statuses"]
-    assert made["due_at"] == due and made_back["due_at"] == due
-    assert {host["release"] for host in hosts} == {str(PROJECT_DIR)}
-    figure(f"migration 0002 -> 0004 then rollout of 3 hosts under 100 GET/s and 50 POST/s: {figures['requests']} "
-           f"reads and {len(acknowledged)} writes, 0 failed, every write read back with due_at; {schema}; "
-           + "; ".join(rolled.stdout.strip().splitlines()[1:]))
-
-
-def run_post(url: str, body: dict) -> dict:
-    post = urllib.request.Request(url + "/todos", data=json.dumps(body).encode(), method="POST",
-                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=5) as answer:
-        assert answer.status == 201
-        return json.loads(answer.read())
 
 
 def test_down_lets_requests_in_flight_finish(cluster_env, figure):
