@@ -13,7 +13,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -268,8 +267,15 @@ def cluster_up(env: dict, *args: str):
 
 
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return json.loads(answer.read())
+    answer = request(url, timeout=5)
+    assert 200 <= answer.status < 300, answer
+    return answer.json()
+
+
+def post_json(url: str, body: dict) -> dict:
+    answer = request(url, "POST", body, timeout=5)
+    assert 200 <= answer.status < 300, answer
+    return answer.json()
 
 
 def release_before(path: str, into: Path) -> Path | None:

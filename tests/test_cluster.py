@@ -7,13 +7,11 @@ folder is temporary. Load goes to HAProxy on 127.0.0.1 and, directly, to the hos
 addresses inside the namespaces the cluster made; `down` removes them.
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from conftest import (
     get_json,
     in_background,
     loadtest_report,
+    post_json,
     run_cluster,
 )
 
@@ -388,13 +387,6 @@ def test_replica_serves_the_reads(cluster_env, figure):
 def requests_by_host(report: dict) -> dict[str, int]:
     """{host: requests HAProxy has sent it} (its admin socket's `stot`)."""
     return {name: int(row["stot"]) for name, row in haproxy_servers(report["haproxy"]["admin_socket"]).items()}
-
-
-def post_json(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        return json.loads(answer.read())
 
 
 def transactions_by_database(pgbouncer: dict) -> dict[str, int]:

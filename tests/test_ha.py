@@ -13,7 +13,6 @@ primary afterwards.
 import contextlib
 import json
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from conftest import (
     in_background,
     loadtest_report,
     release_before,
+    request,
     run_cluster,
     writes,
 )
@@ -107,14 +107,6 @@ def todo_keys(url: str) -> set[str]:
     return set(get_json(url + "/todos?limit=1")["todos"][0])
 
 
-def post(url: str, body: dict) -> dict:
-    made = urllib.request.Request(url + "/todos", data=json.dumps(body).encode(), method="POST",
-                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(made, timeout=5) as answer:
-        assert answer.status == 201
-        return json.loads(answer.read())
-
-
 def test_a_migration_on_the_primary_during_a_rollout_drops_nothing(cluster, release_before_due_at, figure):
     """Expand -> deploy: the cluster runs the release before todos.due_at; `rollout` of this
     checkout first applies its migrations (0003 adds the column, 0004 validates its range) on
@@ -135,8 +127,8 @@ def test_a_migration_on_the_primary_during_a_rollout_drops_nothing(cluster, rele
     acknowledged = [record["id"] for record in written.result if record["id"] is not None]
     read_back = [get_json(f"{balancer}/todos/{todo_id}") for todo_id in acknowledged]
     due = "2027-03-01T09:00:00+00:00"
-    made = post(balancer, {"title": "due after the rollout", "due_at": due})
-    made_back = get_json(f"{balancer}/todos/{made['id']}")
+    made = request(balancer + "/todos", "POST", {"title": "due after the rollout", "due_at": due}, timeout=5)
+    made_back = get_json(f"{balancer}/todos/{made.json()['id']}")
 
     assert rolled.returncode == 0, rolled.stderr + rolled.stdout
     schema = rolled.stdout.splitlines()[0]
@@ -149,7 +141,7 @@ def test_a_migration_on_the_primary_during_a_rollout_drops_nothing(cluster, rele
                                                                                          strict=True))
     figures = read.result
     assert figures["statuses"] == {"200": figures["requests"]} and not figures["errors"], figures["statuses"]
-    assert made["due_at"] == due and made_back["due_at"] == due
+    assert made.status == 201 and made.json()["due_at"] == due and made_back["due_at"] == due
     assert {host["release"] for host in after["hosts"]} == {str(PROJECT_DIR)}
     figure(f"--ha: migration 0002 -> 0004 on Patroni's primary {after['primary']}, then rollout of 2 hosts, under "
            f"100 GET/s and 50 POST/s: {figures['requests']} reads and {len(acknowledged)} writes, 0 failed, every "
