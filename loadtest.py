@@ -9,7 +9,9 @@
     python loadtest.py merge a.json b.json --json all.json     # shards taken on several machines
 
 Exit status: 0 when every request got a 2xx (the search: when a rate met the SLO), 1 when
-not, 2 when the server cannot be reached (or the command line is wrong).
+not, 2 when the server cannot be reached (or the command line is wrong). Ctrl-C stops any
+mode within 2 s: it prints and writes what was measured until then, says "interrupted",
+and exits by those figures as above; 130 when nothing had been measured yet.
 
 This file is the command line only: the modes live in the `loadtester` package, each a
 `run(...)` looked up in MODES. click reads the command line, as in every script here.
@@ -18,13 +20,14 @@ This file is the command line only: the modes live in the `loadtester` package, 
 """
 
 import inspect
+import signal
 import sys
 from dataclasses import dataclass
 
 import click
 
 from greenflask.settings import Tools
-from loadtester import burst, capacity, closed, matrix, merge, openloop
+from loadtester import burst, capacity, closed, interrupt, matrix, merge, openloop
 from loadtester.fleet import FleetFailed, default_processes
 from loadtester.measure import NotEnoughOpenFiles, ServerUnreachable, ensure_open_files
 from loadtester.output import write_json
@@ -192,11 +195,19 @@ def _needs_matplotlib() -> None:
 
 def main(argv=None) -> int:
     """The command line: a usage error or a refusal is one line on stderr and exit 2."""
+    interrupt.install()
     argv = sys.argv[1:] if argv is None else argv
     command, args, prog = (merge_cli, argv[1:], "loadtest.py merge") if argv[:1] == ["merge"] else (cli, argv,
                                                                                                       "loadtest.py")
     try:
-        return command.main(args=args, prog_name=prog, standalone_mode=False)
+        code = command.main(args=args, prog_name=prog, standalone_mode=False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a Ctrl-C from here on changes nothing
+        if interrupt.requested():
+            print(interrupt.LINE, flush=True)
+        return code
+    except interrupt.Interrupted:
+        print(interrupt.LINE + " (nothing measured yet)", flush=True)
+        return 130
     except click.UsageError as error:
         print(f"{prog}: {error.format_message()} (see --help)", file=sys.stderr)
     except ServerUnreachable as error:

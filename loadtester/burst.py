@@ -2,9 +2,10 @@
 waves they came back in and the server's limit those waves match."""
 
 import asyncio
+import contextlib
 import time
 
-from loadtester import plots
+from loadtester import interrupt, plots
 from loadtester.fleet import Fleet, Share, default_processes
 from loadtester.measure import NOT_WATCHED, Live, Outcome, client_session, fetch, probe
 from loadtester.output import Watch, print_summary, print_timeline, response_line
@@ -19,24 +20,31 @@ SPREAD_ABOVE = 1000
 
 
 async def fire(session, url: str, count: int, started: float | None = None, on_outcome=None,
-               live: Live = NOT_WATCHED) -> tuple[list[Outcome], float]:
-    """Send `count` GETs at once; every outcome (in completion order) and the wall time."""
+               live: Live = NOT_WATCHED, outcomes: list | None = None) -> tuple[list[Outcome], float]:
+    """Send `count` GETs at once; every outcome (in completion order, appended to `outcomes`
+    as each comes, so that a cancelled burst keeps them) and the wall time."""
     started = time.perf_counter() if started is None else started
     tasks = [asyncio.ensure_future(fetch(session, url, started, live=live)) for _ in range(count)]
-    outcomes = []
-    for next_done in asyncio.as_completed(tasks):
-        outcome = await next_done
-        outcomes.append(outcome)
-        if on_outcome:
-            on_outcome(outcome)
+    outcomes = [] if outcomes is None else outcomes
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            outcome = await next_done
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+    finally:
+        for task in tasks:
+            task.cancel()
     return outcomes, time.perf_counter() - started
 
 
 async def _share(share: Share, url: str, count: int, timeout: float, lines: bool) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     async with client_session(timeout) as session:
-        started = await share.start()
-        shown = (lambda outcome: print(response_line(outcome), flush=True)) if lines else None
-        outcomes, _ = await fire(session, url, share.part(count), started, shown, share.live)
+        with contextlib.suppress(asyncio.CancelledError):  # stopped (Ctrl-C): what came back so far
+            started = await share.start()
+            shown = (lambda outcome: print(response_line(outcome), flush=True)) if lines else None
+            await fire(session, url, share.part(count), started, shown, share.live, outcomes)
     return outcomes
 
 
@@ -47,10 +55,12 @@ def processes_for(count: int, processes: int | None) -> int:
 def run(url: str, count: int, seconds: float, routes: list[str], timeout: float, quiet: bool = False,
         plot: str | None = None, processes: int | None = None) -> Run:
     """Each route's burst in turn, printed as it comes; a report per route."""
-    stats = asyncio.run(probe(url))
+    stats = interrupt.run(probe(url))
     reports = []
     with Fleet(processes_for(count, processes)) as fleet:
         for name in routes:
+            if interrupt.requested():
+                break
             route_url = f"{url}{ROUTES[name]}?seconds={seconds:g}"
             print(f"Sending {count} requests for {route_url}...", flush=True)
             lines = not quiet and count <= PROGRESS_BAR_ABOVE
@@ -62,7 +72,7 @@ def run(url: str, count: int, seconds: float, routes: list[str], timeout: float,
             report = summarize(name, route_url, outcomes, wall, seconds, started_at=start_at,
                                processes=fleet.processes, client_cpu=(fleet.cpu, len(outcomes)))
             report.wall_named = name_walls(report, stats)
-            if not quiet:
+            if not quiet and outcomes:
                 print_summary(report)
                 print_timeline(report)
             reports.append(report)

@@ -17,6 +17,7 @@ latency or errors that explode with requests piling up in flight are the server'
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import statistics
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from loadtester import openloop, plots
+from loadtester import interrupt, openloop, plots
 from loadtester.fleet import Fleet
 from loadtester.measure import Outcome, client_session, fetch, probe
 from loadtester.output import console, ms
@@ -189,9 +190,11 @@ class Search:
         runs: list[Step] = []
         retried = False
         while room() and (not runs or self.unsettled(runs)):
-            asyncio.run(settle(self.url, self.slo))
+            interrupt.run(settle(self.url, self.slo))
             report, outcomes = openloop.measure(fleet, self.url, rate, self.duration, self.timeout, self.warmup,
                                                 GIVE_UP_BEHIND)
+            if interrupt.requested():  # a run cut short is no verdict: the steps before it stand
+                break
             run = judge(report, outcomes, self.percentile, self.slo)
             if run.client_behind and not report.client_behind and not retried:
                 retried = True
@@ -213,7 +216,7 @@ class Search:
         def room() -> bool:
             return time.monotonic() - began + self.warmup + self.duration + self.timeout <= max_seconds
 
-        while rate is not None and (step := self.step(fleet, rate, room)) is not None:
+        while rate is not None and not interrupt.requested() and (step := self.step(fleet, rate, room)) is not None:
             self.steps.append(step)
             on_step(step)
             rate = next_rate(self.steps, max_rate)
@@ -284,13 +287,10 @@ def run(url: str, path: str, slo: str, duration: float | None, timeout: float, s
     percentile, slo_seconds = parse_slo(slo)
     search = Search(url + path, percentile, slo_seconds, duration or STEP_SECONDS,
                     WARMUP_SECONDS if warmup is None else warmup, timeout)
-    asyncio.run(probe(url))
+    interrupt.run(probe(url))
     print_header(search, start_rate, max_rate, max_seconds, processes)
-    try:
-        with Fleet(processes) as fleet:
-            search.run(fleet, start_rate, max_rate, max_seconds, print_step)
-    except KeyboardInterrupt:
-        console.print("  interrupted: what was found so far")
+    with contextlib.suppress(interrupt.Interrupted), Fleet(processes) as fleet:  # Ctrl-C: the steps so far
+        search.run(fleet, start_rate, max_rate, max_seconds, print_step)
     best, line = search.answer()
     console.print(f"[bold]{line}[/]")
     if plot:

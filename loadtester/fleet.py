@@ -8,10 +8,14 @@ by the process's index (the open loop's process i sends requests i, i+P, i+2P ..
 times on the one schedule), so the interleaved schedule is exact. Every outcome comes back
 to the parent, which makes the one report (one HDR histogram of all of them: the same as
 merging each process's). Processes are forked when the fleet starts and kept for all its
-jobs (a capacity search's steps); they ignore SIGINT: the parent owns Ctrl-C and stops them.
+jobs (a capacity search's steps). They ignore SIGINT: the parent owns Ctrl-C
+(loadtester/interrupt.py). On it, the parent sends each process still at its job SIGUSR1,
+which cancels the job; each job keeps what came back until then and returns it, so a run cut
+short still has its figures. A process that has not answered STOP_WITHIN later is terminated.
 """
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -22,10 +26,12 @@ from multiprocessing.connection import wait
 
 import uvloop
 
+from loadtester import interrupt
 from loadtester.measure import LATE_SEND, Live, Outcome
 
 START_LEAD = 0.05  # seconds between the last process saying it is ready and the shared start
-TICK = 0.25  # seconds between two reads of the live counters
+TICK = 0.1  # seconds between two reads of the live counters (and looks for a Ctrl-C)
+STOP_WITHIN = 1.0  # seconds the processes have to hand back their part once told to stop
 FIELDS = ("sent", "answered", "late", "errors")
 
 
@@ -91,6 +97,7 @@ def cpu_seconds() -> float:
 
 def _serve(connection, index: int, processes: int, shared) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a stop that comes between two jobs
     live = Counters(shared, index)
     # uvloop (libuv under asyncio's API): an aiohttp request costs its process less CPU than
     # on asyncio's own loop, which is what lets P processes keep a high rate (BENCHMARKS.md 7).
@@ -99,12 +106,19 @@ def _serve(connection, index: int, processes: int, shared) -> None:
         job, args = message
         live.reset()
         before = cpu_seconds()
+        task = loop.create_task(job(Share(index, processes, live, connection), *args))
+        loop.add_signal_handler(signal.SIGUSR1, task.cancel)
         try:
-            result = loop.run_until_complete(job(Share(index, processes, live, connection), *args))
+            result = loop.run_until_complete(task)
+        except asyncio.CancelledError:  # stopped before the job could keep anything
+            result = None
         except Exception as error:  # noqa: BLE001 - sent to the parent, which names it in one line
             connection.send(("error", f"{type(error).__name__}: {error}"))
-        else:
-            connection.send(("ok", (result, cpu_seconds() - before)))
+            continue
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        connection.send(("ok", (result, cpu_seconds() - before)))
     loop.close()
 
 
@@ -117,6 +131,7 @@ class Fleet:
         self._context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         self._shared = self._context.Array("q", len(FIELDS) * self.processes, lock=False)
         self._workers: list = []
+        self._stuck: set[int] = set()  # processes that did not hand back a stopped job: terminated
         self.cpu = 0.0  # CPU seconds the processes spent on the last job (what the client cost)
 
     def __enter__(self) -> "Fleet":
@@ -131,7 +146,7 @@ class Fleet:
 
     def __exit__(self, kind, error, trace) -> None:
         for process, connection in self._workers:
-            if kind is None and process.is_alive():
+            if kind is None and process.is_alive() and process.pid not in self._stuck:
                 connection.send(None)
             else:
                 process.terminate()
@@ -151,22 +166,35 @@ class Fleet:
     def run(self, job, *args, on_tick=None) -> tuple[list, float]:
         """Run the coroutine function `job(share, *args)` in every process from one start
         (`await share.start()`); (each process's result, the start on the wall clock).
-        `on_tick(totals)` while waiting; `self.cpu` after it: the CPU the job cost them."""
+        `on_tick(totals)` while waiting; `self.cpu` after it: the CPU the job cost them.
+        A Ctrl-C stops the job: the results are then what the processes had, from those that
+        handed theirs back in time (see the module's docstring)."""
         for _, connection in self._workers:
             connection.send((job, args))
         self._gather("ready")
         start_at = time.time() + START_LEAD
         for _, connection in self._workers:
             connection.send(start_at)
-        done = self._gather("ok", on_tick)
-        self.cpu = sum(cpu for _, cpu in done)
-        return [result for result, _ in done], start_at
+        done = self._gather("ok", on_tick, stoppable=True)
+        self.cpu = sum(value[1] for value in done if value is not None)
+        return [value[0] for value in done if value is not None and value[0] is not None], start_at
 
-    def _gather(self, wanted: str, on_tick=None) -> list:
-        """Every process's next message, which must be `wanted`: their values in index order."""
+    def _gather(self, wanted: str, on_tick=None, stoppable: bool = False) -> list:
+        """Every process's next message, which must be `wanted`: their values in index order
+        (None for a process that was stopped and did not answer within STOP_WITHIN)."""
         pending = {connection: index for index, (_, connection) in enumerate(self._workers)}
         values: list = [None] * self.processes
+        stop_by = None
         while pending:
+            if stoppable and interrupt.requested():
+                if stop_by is None:
+                    stop_by = time.monotonic() + STOP_WITHIN
+                    for index in pending.values():
+                        with contextlib.suppress(ProcessLookupError):  # died: _gather says so below
+                            os.kill(self._workers[index][0].pid, signal.SIGUSR1)
+                elif time.monotonic() > stop_by:
+                    self._stuck |= {self._workers[index][0].pid for index in pending.values()}
+                    break
             for connection in wait(list(pending), timeout=TICK):
                 index = pending.pop(connection)
                 try:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from greenflask import PROJECT_DIR, servers
-from loadtester import burst
+from loadtester import burst, interrupt
 from loadtester.output import console, describe_waves
 from loadtester.report import Run
 
@@ -41,6 +41,8 @@ def run(count: int, seconds: float, timeout: float, log_path: Path) -> Run:
     _seed_database()
     rows, all_reports = [], []
     for mode, (worker_args, green, _) in MODES.items():
+        if interrupt.requested():
+            break
         port = servers.free_port()
         base_url = f"http://127.0.0.1:{port}"
         command = " ".join([f"PSYCOGREEN={green}"] * bool(green) + ["gunicorn app:app", *worker_args])
@@ -52,7 +54,10 @@ def run(count: int, seconds: float, timeout: float, log_path: Path) -> Run:
             except RuntimeError as error:
                 raise MatrixSetupFailed(f"{mode}: {error} (its log: {log_path})") from None
             blocks_before, _ = loop_blocks(base_url)
-            reports = burst.run(base_url, count, seconds, list(burst.ROUTES), timeout, quiet=True).reports
+            try:
+                reports = burst.run(base_url, count, seconds, list(burst.ROUTES), timeout, quiet=True).reports
+            except interrupt.Interrupted:  # Ctrl-C before this mode's first request: the modes before it
+                break
             time.sleep(0.3)  # the server reports a block once its loop runs again
             blocks_after, longest = loop_blocks(base_url)
         finally:
@@ -65,6 +70,8 @@ def run(count: int, seconds: float, timeout: float, log_path: Path) -> Run:
                          "loop_blocks": blocks_after - blocks_before if worker_args else None,
                          "longest_block": longest})
         all_reports += reports
+    if not rows:  # Ctrl-C before a row
+        raise interrupt.Interrupted
     print_matrix(rows, count, seconds)
     return Run(all_reports, all(row["all_ok"] for row in rows), {"matrix": rows})
 
@@ -96,6 +103,8 @@ def print_matrix(rows: list[dict], count: int, seconds: float) -> None:
         table.add_row(row["mode"], row["route"], observed, ideal, original, describe_waves(row["waves"]), "")
     for mode in MODES:
         mode_rows = [row for row in rows if row["mode"] == mode]
+        if not mode_rows:  # not reached (Ctrl-C)
+            continue
         total = sum(row["observed"] for row in mode_rows)
         ideal = sum(row["ideal"] for row in mode_rows)
         original = ORIGINAL[mode][2] if mode_rows[0]["original"] is not None else None

@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import time
 
-from loadtester import plots
+from loadtester import interrupt, plots
 from loadtester.fleet import Fleet, Share
 from loadtester.measure import SLEEP_OVERSHOOT, Outcome, client_session, fetch, probe
 from loadtester.output import Watch, console, print_summary
@@ -20,20 +20,26 @@ async def _share(share: Share, url: str, rate: float, duration: float, timeout: 
     """This process's places on the one schedule; (outcomes, send window, fell behind)."""
     interval, count = 1 / rate, max(1, round(rate * duration))
     tasks: list[asyncio.Task] = []
-    behind = False
+    behind, started, send_window = False, None, 0.0
     async with client_session(timeout) as session:
-        started = await share.start()
-        for index in share.indices(count):
-            intended = started + index * interval
-            # The loop's timers wake up to a millisecond late: wake early, send on time.
-            if (wait := intended - time.perf_counter() - SLEEP_OVERSHOOT) > 0:
-                await asyncio.sleep(wait)
-            elif give_up_behind is not None and -wait > give_up_behind:
-                behind = True
-                break
-            tasks.append(asyncio.create_task(fetch(session, url, started, intended, share.live)))
-        send_window = time.perf_counter() - started
-        outcomes = list(await asyncio.gather(*tasks))
+        try:
+            started = await share.start()
+            for index in share.indices(count):
+                intended = started + index * interval
+                # The loop's timers wake up to a millisecond late: wake early, send on time.
+                if (wait := intended - time.perf_counter() - SLEEP_OVERSHOOT) > 0:
+                    await asyncio.sleep(wait)
+                elif give_up_behind is not None and -wait > give_up_behind:
+                    behind = True
+                    break
+                tasks.append(asyncio.create_task(fetch(session, url, started, intended, share.live)))
+            send_window = time.perf_counter() - started
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:  # stopped (Ctrl-C): the requests that came back so far
+            send_window = send_window or (time.perf_counter() - started if started else 0.0)
+            for task in tasks:
+                task.cancel()
+    outcomes = [task.result() for task in tasks if task.done() and not task.cancelled()]
     return outcomes, send_window, behind
 
 
@@ -59,7 +65,10 @@ def measure(fleet: Fleet, url: str, rate: float, duration: float, timeout: float
 
 def run(url: str, path: str, rate: float, duration: float, timeout: float, quiet: bool = False,
         plot: str | None = None, processes: int = 1, warmup: float = 0.0) -> Run:
-    asyncio.run(probe(url))
+    interrupt.run(probe(url))
+    warming = f" after {warmup:g} s of warm-up" if warmup else ""
+    console.print(f"open loop: {rate:g}/s on {url + path} for {duration:g} s{warming} from {processes} "
+                  f"process{'es' * (processes > 1)}")
     count = max(1, round(rate * (warmup + duration)))
     with Fleet(processes) as fleet, Watch(count, disable=quiet) as watch:
         report, _ = measure(fleet, url + path, rate, duration, timeout, warmup, on_tick=watch.tick)
