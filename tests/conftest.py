@@ -212,11 +212,33 @@ def loadtest_report(url: str, *args: str, timeout: float = 180) -> dict:
 CLUSTER = [sys.executable, "-m", "deploy.cluster"]
 
 
+# The Debian package of each program that pip does not bring (.ci/run installs them all).
+PACKAGE_OF = {"pgbouncer": "pgbouncer", "haproxy": "haproxy", "etcd": "etcd-server", "patroni": "patroni",
+              "prometheus": "prometheus", "promtool": "prometheus",
+              "prometheus-postgres-exporter": "prometheus-postgres-exporter", "systemd-analyze": "systemd",
+              "pg_rewind": "postgresql", "postgres": "postgresql"}
+
+
+def program(name: str) -> str | None:
+    """The path of a program on PATH or in /usr/sbin (or an absolute path), if it can be run."""
+    if name.startswith("/"):
+        return name if os.access(name, os.X_OK) else None
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin")
+
+
+def not_installed(*programs: str) -> str | None:
+    """One line naming the packages to install for the `programs` that are missing; None when none is."""
+    missing = [name for name in programs if not program(name)]
+    packages = dict.fromkeys(PACKAGE_OF.get(Path(name).name, name) for name in missing)
+    return f"not installed: apt-get install {' '.join(packages)}" if packages else None
+
+
 def cluster_marks(*programs: str, install: str | None = None) -> list:
     """A cluster module's skips: each of `programs` missing (one line naming the install
-    command, `install` or the programs themselves), or not root (namespaces need root)."""
-    missing = [name for name in programs if not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))]
-    return [pytest.mark.skipif(bool(missing), reason=f"not installed: apt-get install {install or ' '.join(missing)}"),
+    command, `install` or the programs' packages), or not root (namespaces need root)."""
+    missing = not_installed(*programs)
+    return [pytest.mark.skipif(bool(missing), reason=f"not installed: apt-get install {install}" if install
+                               else str(missing)),
             pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 

@@ -5,7 +5,7 @@ the files: nothing is sent to the inventory's addresses (documentation ones, RFC
 import configparser
 import json
 import re
-import shutil
+import shlex
 import subprocess
 import sys
 import urllib.parse
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import not_installed, program
 
 from deploy import units
 from deploy.inventory import load
@@ -22,10 +23,9 @@ INVENTORY = PROJECT_DIR / "deployment" / "inventory.example.yml"
 
 
 def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin")
-    if not found:
-        pytest.skip(f"{name} is not installed (.ci/run installs it)")
-    return found
+    if missing := not_installed(name):
+        pytest.skip(missing)
+    return program(name)
 
 
 def render(out: Path, *args: str, inventory: Path = INVENTORY) -> subprocess.CompletedProcess:
@@ -61,8 +61,17 @@ def test_every_host_gets_a_folder_with_its_units(rendered, figure):
            f"{sum(1 for path in rendered.rglob('*') if path.is_file())} files")
 
 
+def executables(unit: Path) -> set[str]:
+    """The programs a unit's ExecStart lines run, which systemd-analyze verify checks exist."""
+    service = units.parse(unit.read_text())["Service"]
+    return {shlex.split(value)[0].lstrip("-@!+:") for key, value in service if key.startswith("ExecStart")}
+
+
 def test_every_unit_passes_systemd_analyze_verify(rendered):
     analyze = tool("systemd-analyze")
+    programs = set().union(*(executables(path) for path in unit_files(rendered)))
+    if missing := not_installed(*sorted(programs)):
+        pytest.skip(f"the units run programs that are absent: {missing}")
     for path in unit_files(rendered):
         done = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and not done.stderr.strip(), f"{path}: {done.stderr}"
