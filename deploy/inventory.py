@@ -82,6 +82,9 @@ class Prometheus(Host):
     postgres_exporter_port: Port = 9187
     retention: str = "1d"  # --storage.tsdb.retention.time
     user: str = "prometheus"  # who runs Prometheus and PostgreSQL's exporter (Debian's packages: prometheus)
+    # Every `for:` and range window of the rules times this: 1 in production; a test's cluster
+    # makes its alerts fire in seconds (the real windows are promtool's tests.yml's).
+    rule_windows: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class App(BaseModel):

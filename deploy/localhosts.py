@@ -22,7 +22,7 @@ from deploy.layout import Rendered
 from deploy.network import SUBNETS, Network
 from deploy.runtime import CLUSTER_DIR, user_exists
 from greenflask import servers
-from greenflask.settings import Settings
+from greenflask.settings import Settings, Tools
 
 BALANCER, POOL = "balancer", "pgbouncer"
 
@@ -62,7 +62,8 @@ def inventory(settings: Settings, network: Network, port: int, hosts: int, worke
     if monitoring:  # on a loopback address of its own; run as PgBouncer is (the socket's owner)
         data["prometheus"] = {"name": "prometheus", "address": "127.0.0.3", "port": servers.free_port(),
                               "postgres_exporter_port": servers.free_port(),
-                              "user": pgbouncer_part.run_as_user(server) or getpass.getuser()}
+                              "user": pgbouncer_part.run_as_user(server) or getpass.getuser(),
+                              "rule_windows": Tools.from_env().cluster_rule_windows}
     if db_nodes:
         data["db_nodes"] = [{"name": f"db{number}", "address": network.db_address(number)}
                             for number in range(1, db_nodes + 1)]

@@ -182,6 +182,7 @@ class Tools:
     loadtest_server_log: Path  # where `loadtest.py --matrix` writes its servers' output
     cluster_dir: Path  # deploy/cluster.py: state, generated configs, logs
     cluster_net: str  # deploy/cluster.py: the first two octets of its networks
+    cluster_rule_windows: float  # deploy/cluster.py --monitoring: its alert windows times this (tests: < 1)
     bench_runs: int
     bench_seconds: tuple[float, ...]
     bench_original_seconds: float
@@ -210,6 +211,7 @@ class Tools:
             loadtest_server_log=Path(env_text("LOADTEST_SERVER_LOG") or PROJECT_DIR / "loadtest-matrix.log"),
             cluster_dir=Path(env_text("CLUSTER_DIR", "/tmp/greenflask-cluster")),
             cluster_net=env_text("CLUSTER_NET", "10.77"),
+            cluster_rule_windows=env_number("CLUSTER_RULE_WINDOWS", 1.0, float),
             bench_runs=env_number("BENCH_RUNS", 3, minimum=1),
             bench_seconds=bench_seconds,
             bench_original_seconds=env_number("BENCH_ORIGINAL_SECONDS", 5.0, float),

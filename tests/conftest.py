@@ -260,7 +260,9 @@ def cluster_environment(net: str):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-CLUSTER_HOST_ENV = {"DB_CONNECT_TIMEOUT": "1", "DB_POOL_SIZE": "20", "DB_STATEMENT_TIMEOUT": "10000"}
+CLUSTER_HOST_ENV = {"DB_CONNECT_TIMEOUT": "1", "DB_POOL_SIZE": "20", "DB_STATEMENT_TIMEOUT": "10000",
+                    # --monitoring's alerts fire in seconds (test_monitoring checks these rules too)
+                    "CLUSTER_RULE_WINDOWS": "0.25"}
 
 
 def run_cluster(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
