@@ -31,7 +31,7 @@ from loadtester.measure import client_session
 
 ROOT = PROJECT_DIR
 
-TEST_DATABASE = "greenflask_test"
+TEST_DATABASE = "greenflask_test"  # one per pytest-xdist worker: greenflask_test_gw0, ...
 # The machine's own PostgreSQL allows 100 connections: keep each test server's pool small.
 TEST_POOL_SIZE = "25"
 
@@ -40,17 +40,65 @@ def pytest_report_header(config):
     return f"database: {'DATABASE_URL' if Settings.from_env().database_url else 'embedded PostgreSQL'}"
 
 
-@pytest.fixture(scope="session")
-def database_url():
-    """DATABASE_URL when set; else a test database on the embedded server (not the demo's).
-    An embedded server the tests had to start is stopped again at the end."""
-    if url := Settings.from_env().database_url:
-        yield url
-        return
-    was_running = embedded.is_running()
-    yield embedded.ensure_database(embedded.start(), TEST_DATABASE)
-    if not was_running:
+# --- lanes ---------------------------------------------------------------------------------
+# `make test` runs the suite as lanes side by side (pytest-xdist, -n 4 with the scheduler
+# below): each lane's modules one after another in one worker, in the order collected. Most of the suite's time is waits
+# (HAProxy's checks, Patroni's ttl, gunicorn's reloads, sleeps that prove concurrency), and
+# the lanes wait on different things. The modules whose figures are timings (waves, knees,
+# a 2 s Ctrl-C) share one lane, so no two of them ever run at once; what runs beside them
+# waits more than it computes. A plain `pytest` runs everything in one process, as before.
+LANES = {
+    "cluster": ("test_cluster.py",),
+    "ha": ("test_ha.py", "test_security.py", "test_contract.py"),
+    "timing": ("test_capacity.py", "test_interrupt.py", "test_loadtest.py", "test_scale.py", "test_service.py",
+               "test_reliability.py", "test_faults.py"),
+}
+LANE_OF = {module: lane for lane, modules in LANES.items() for module in modules}  # the rest: "checks"
+
+
+def lane(nodeid: str) -> str:
+    return LANE_OF.get(nodeid.split("::")[0].rsplit("/", 1)[-1], "checks")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with a lane as the scope: a lane goes whole to one worker.
+    (Its own --dist loadgroup does not group under pytest 9.2, which keeps node ids elsewhere.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return Lanes(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "database_url" in item.fixturenames:  # what DATABASE_URL changes: .ci/run's second pass
+            item.add_marker(pytest.mark.database)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "database: uses the test database (DATABASE_URL's, or the embedded one)")
+    if not hasattr(config, "workerinput"):  # the one process that outlives every worker
+        config.embedded_was_running = embedded.is_running()
+
+
+def pytest_unconfigure(config):
+    """An embedded server the tests had to start is stopped at the very end (by the run's
+    first process, after every worker is done with it)."""
+    if not hasattr(config, "workerinput") and not config.embedded_was_running and embedded.is_running():
         embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(request):
+    """DATABASE_URL when set; else a test database on the embedded server (not the demo's),
+    one per worker when the lanes run side by side."""
+    if url := Settings.from_env().database_url:
+        return url
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    return embedded.ensure_database(embedded.start(), TEST_DATABASE + (f"_{worker}" if worker else ""))
 
 
 @pytest.fixture(scope="session")
@@ -474,3 +522,4 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured")
         for name, text in _FIGURES:
             terminalreporter.write_line(f"{name}: {text}")
+

@@ -339,6 +339,7 @@ def test_up_clears_what_a_killed_cluster_left_and_spares_a_live_one(cluster_env,
            "gf78-host2 and gf78-front and came up")
 
 
+@pytest.mark.database
 @pytest.mark.skipif(not Settings.from_env().database_url, reason="DATABASE_URL is not set")
 def test_up_with_database_url(cluster_env, figure):
     """PgBouncer in front of DATABASE_URL's server instead of the embedded one."""

@@ -16,7 +16,7 @@ PINNED_AS = {"flask": "Flask", "werkzeug": "Werkzeug", "click": "click", "sqlalc
              "hypothesis": "hypothesis", "asyncpg": "asyncpg", "matplotlib": "matplotlib", "psutil": "psutil",
              "yaml": "PyYAML", "pythonjsonlogger": "python-json-logger", "cryptography": "cryptography",
              "alembic": "alembic", "openapi_spec_validator": "openapi-spec-validator", "uvloop": "uvloop",
-             "pydantic": "pydantic"}
+             "pydantic": "pydantic", "xdist": "pytest-xdist"}
 OWN = TOP_MODULES | {"greenflask", "loadtester", "deploy", "bench", "conftest", "faultproxy", "slotserver"}
 
 
