@@ -18,11 +18,10 @@ demo: $(VENV)/.installed
 cluster: $(VENV)/.installed
 	scripts/cluster.sh $(ARGS)
 
-# The suite as four lanes side by side (tests/conftest.py); with DATABASE_URL in one process,
-# since the lanes would share that one database.
+# The suite as four lanes side by side (tests/conftest.py: LANES).
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(if $(DATABASE_URL),,-n 4)
+	$(PY) -m pytest -n 4
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 import db
 import seed
@@ -93,11 +93,13 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def database_url(request):
-    """DATABASE_URL when set; else a test database on the embedded server (not the demo's),
-    one per worker when the lanes run side by side."""
-    if url := Settings.from_env().database_url:
-        return url
+    """DATABASE_URL when set; else a test database on the embedded server (not the demo's).
+    When the lanes run side by side each worker has a database of its own on that server:
+    DATABASE_URL's name (or greenflask_test) and the worker's, created if missing (so
+    DATABASE_URL's role needs CREATEDB there)."""
     worker = getattr(request.config, "workerinput", {}).get("workerid")
+    if url := Settings.from_env().database_url:
+        return embedded.ensure_database(url, f"{make_url(url).database}_{worker}") if worker else url
     return embedded.ensure_database(embedded.start(), TEST_DATABASE + (f"_{worker}" if worker else ""))
 
 
