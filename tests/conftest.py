@@ -42,39 +42,50 @@ def pytest_report_header(config):
 
 # --- lanes ---------------------------------------------------------------------------------
 # `make test` runs the suite as lanes side by side (pytest-xdist, -n 4 with the scheduler
-# below): each lane's modules one after another in one worker, in the order collected. Most of the suite's time is waits
-# (HAProxy's checks, Patroni's ttl, gunicorn's reloads, sleeps that prove concurrency), and
-# the lanes wait on different things. The modules whose figures are timings (waves, knees,
-# a 2 s Ctrl-C) share one lane, so no two of them ever run at once; what runs beside them
-# waits more than it computes. A plain `pytest` runs everything in one process, as before.
+# below): each lane's modules one after another in one worker. Most of the suite's time is
+# waits (HAProxy's checks, Patroni's ttl, gunicorn's reloads, sleeps that prove concurrency),
+# and the lanes wait on different things. The long lanes go first, longest first; every other
+# module is a scope of its own that the first free worker takes, so a machine without the
+# cluster's packages (whose lanes skip at once) spreads the rest over those workers. The
+# modules whose figures are timings are split over two lanes, never more at once; their
+# margins hold beside a neighbour (and beside two CPU hogs). A plain `pytest` runs everything
+# in one process, as before.
 LANES = {
-    "cluster": ("test_cluster.py",),
     "ha": ("test_ha.py", "test_security.py", "test_contract.py"),
-    "timing": ("test_capacity.py", "test_interrupt.py", "test_loadtest.py", "test_scale.py", "test_service.py",
-               "test_reliability.py", "test_faults.py"),
+    "cluster": ("test_cluster.py",),
+    "search": ("test_capacity.py", "test_interrupt.py", "test_scale.py", "test_faults.py"),
+    "load": ("test_loadtest.py", "test_reliability.py", "test_service.py"),
 }
-LANE_OF = {module: lane for lane, modules in LANES.items() for module in modules}  # the rest: "checks"
+LANE_OF = {module: lane for lane, modules in LANES.items() for module in modules}
+RANK = {name: rank for rank, name in enumerate(LANES)}
 
 
 def lane(nodeid: str) -> str:
-    return LANE_OF.get(nodeid.split("::")[0].rsplit("/", 1)[-1], "checks")
+    """A test's lane: its module's, or its module itself when that is in no lane."""
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return LANE_OF.get(module, module)
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduling with a lane as the scope: a lane goes whole to one worker.
-    (Its own --dist loadgroup does not group under pytest 9.2, which keeps node ids elsewhere.)"""
+    """xdist's scope scheduling with a lane as the scope: a lane goes whole to one worker, in
+    the order collected (below). (Its own --dist loadgroup does not group under pytest 9.2,
+    which keeps node ids elsewhere.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class Lanes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return lane(nodeid)
 
+    config.option.loadscopereorder = False
     return Lanes(config, log)
 
 
 def pytest_collection_modifyitems(items):
+    """The lanes first, in LANES' order (a stable sort: each module's tests keep theirs); the
+    tests that use the database are marked for .ci/run's DATABASE_URL pass."""
+    items.sort(key=lambda item: RANK.get(lane(item.nodeid), len(RANK)))
     for item in items:
-        if "database_url" in item.fixturenames:  # what DATABASE_URL changes: .ci/run's second pass
+        if "database_url" in item.fixturenames:
             item.add_marker(pytest.mark.database)
 
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import assert_error, burst
+from conftest import assert_error, burst, not_installed, program
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -23,12 +23,10 @@ from deploy.credentials import Credentials
 from greenflask import PROJECT_DIR, embedded, servers
 from greenflask.settings import Settings
 
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+PGBOUNCER = program("pgbouncer")
 DATABASE = "greenflask_pgbouncer"
 POOL_SIZE = 10
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed: apt-get install pgbouncer"
-)
+pytestmark = pytest.mark.skipif(not PGBOUNCER, reason=str(not_installed("pgbouncer")))
 
 
 @pytest.fixture(scope="module")
