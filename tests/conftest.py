@@ -4,6 +4,7 @@ processes on free ports, each stopped by its PID when its test or module ends.""
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -45,25 +46,31 @@ def pytest_report_header(config):
 # below): each lane's modules one after another in one worker. Most of the suite's time is
 # waits (HAProxy's checks, Patroni's ttl, gunicorn's reloads, sleeps that prove concurrency),
 # and the lanes wait on different things. The long lanes go first, longest first; every other
-# module is a scope of its own that the first free worker takes, so a machine without the
-# cluster's packages (whose lanes skip at once) spreads the rest over those workers. The
-# modules whose figures are timings are split over two lanes, never more at once; their
-# margins hold beside a neighbour (and beside two CPU hogs). A plain `pytest` runs everything
-# in one process, as before.
+# module is a lane of its own that the first free worker takes. The modules whose figures are
+# timings (knees, waves, a 2 s Ctrl-C) are one lane where the clusters run beside them, so no
+# two of them run at once on a machine that is busy with the clusters; where the clusters'
+# programs are absent (their lanes skip at once) they are two lanes, spread over the workers
+# the clusters leave free. A plain `pytest` runs everything in one process, as before.
 LANES = {
     "ha": ("test_ha.py", "test_security.py", "test_contract.py"),
     "cluster": ("test_cluster.py",),
     "search": ("test_capacity.py", "test_interrupt.py", "test_scale.py", "test_faults.py"),
     "load": ("test_loadtest.py", "test_reliability.py", "test_service.py"),
 }
-LANE_OF = {module: lane for lane, modules in LANES.items() for module in modules}
 RANK = {name: rank for rank, name in enumerate(LANES)}
+
+
+@functools.cache
+def lane_of() -> dict[str, str]:
+    clusters_run = os.geteuid() == 0 and not_installed("pgbouncer", "haproxy") is None
+    together = {"load": "search"} if clusters_run else {}
+    return {module: together.get(lane, lane) for lane, modules in LANES.items() for module in modules}
 
 
 def lane(nodeid: str) -> str:
     """A test's lane: its module's, or its module itself when that is in no lane."""
     module = nodeid.split("::")[0].rsplit("/", 1)[-1]
-    return LANE_OF.get(module, module)
+    return lane_of().get(module, module)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -262,7 +269,8 @@ def loadtest_report(url: str, *args: str, timeout: float = 180) -> dict:
     """`python loadtest.py ARGS --url URL --quiet --json FILE`: its first report."""
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     try:
-        run_loadtest(*args, "--url", url, "--quiet", "--json", str(out), timeout=timeout)
+        ran = run_loadtest(*args, "--url", url, "--quiet", "--json", str(out), timeout=timeout)
+        assert out.stat().st_size, f"loadtest.py wrote no report (exit {ran.returncode}): {ran.stdout}{ran.stderr}"
         return json.loads(out.read_text())["reports"][0]
     finally:
         out.unlink()
@@ -494,11 +502,27 @@ def green_server(start_server, database_url, engine):
     server.stop()
 
 
-def in_background(function, *args):
-    """Run `function` in a thread; `.result` holds its return value after `.join()`."""
-    thread = threading.Thread(target=lambda: setattr(thread, "result", function(*args)))
-    thread.start()
-    return thread
+class in_background(threading.Thread):  # noqa: N801 (used as a function)
+    """Run `function(*args)` in a thread; `.result` waits for it and is its return value, or
+    raises what it raised (a plain Thread would print that and leave no result)."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self._call, self._value, self._error = (lambda: function(*args)), None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as error:  # handed to whoever reads .result
+            self._error = error
+
+    @property
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def wait_for_new_worker(server, old_pid: int, within: float = 20) -> int | None:
