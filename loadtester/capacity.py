@@ -96,7 +96,10 @@ def judge(report: Report, outcomes: list[Outcome], percentile: str, slo: float) 
     slower = sum(outcome.corrected > slo for outcome in outcomes) / len(outcomes) if outcomes else 1.0
     corrected = report.latency_corrected.get(percentile, float("inf"))
     service = report.latency_service.get(percentile, float("inf"))
-    client_late = report.client_behind or late >= LATE_ALLOWED
+    # Late sends void a verdict only where they could have made it: a run that meets the SLO
+    # with its lateness counted in (corrected latency) meets, unless the client fell behind
+    # for good and the server saw less than the rate asked.
+    client_late = report.client_behind or (late >= LATE_ALLOWED and corrected > slo)
     # Fell behind before a counted send (in the warm-up): nothing says the server was slow.
     nothing_counted = report.client_behind and not report.requests
     if nothing_counted:
@@ -106,7 +109,7 @@ def judge(report: Report, outcomes: list[Outcome], percentile: str, slo: float) 
         verdict = f"errors {errors:.1%}"
     elif client_behind:
         verdict = "client behind"
-    elif corrected > slo or client_late:
+    elif corrected > slo or report.client_behind:
         verdict = f"misses {percentile}"
     else:
         verdict = "meets"
@@ -264,7 +267,7 @@ def spread(step: Step) -> str:
 
 def print_header(search: Search, start: float, max_rate: float, max_seconds: float, processes: int) -> None:
     console.print(f"searching the highest rate on {search.url} with {search.percentile} <= {ms(search.slo)} "
-                  f"(corrected), errors and late sends under {ERRORS_ALLOWED:.0%}: steps of {search.warmup:g} s "
+                  f"(corrected, late sends counted), errors under {ERRORS_ALLOWED:.0%}: steps of {search.warmup:g} s "
                   f"warm-up + {search.duration:g} s from {start:g}/s, doubling then bisecting, never above "
                   f"{max_rate:g}/s, from {processes} process{'es' * (processes > 1)}; a missed step, or one "
                   f"near the SLO, runs until two runs agree; requests timed out after {search.timeout:g} s; "

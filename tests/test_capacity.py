@@ -83,7 +83,7 @@ def test_a_client_that_cannot_keep_the_rate_says_so_instead_of_blaming_the_serve
 def test_a_saturated_server_is_the_servers_miss_not_the_clients():
     """Past 200/s every answer takes 3 s: requests time out and pile up in flight."""
     with SlotServer(slots=5000, knee=200) as server:
-        result = run("--find-capacity", "--slo", "p99=50ms", "-d", "1", "--warmup", "0.3", "--start-rate", "100",
+        result = run("--find-capacity", "--slo", "p99=150ms", "-d", "1", "--warmup", "0.3", "--start-rate", "100",
                      "--max-rate", "800", "/saturates", "--url", server.url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "client cannot keep" not in result.stdout and "client behind" not in result.stdout
@@ -91,11 +91,11 @@ def test_a_saturated_server_is_the_servers_miss_not_the_clients():
     assert "the server's miss" in result.stdout and "requests in flight" in result.stdout
 
 
-def report_of(late_share: float, service_p99: float, errors: int = 0) -> tuple[Report, list]:
-    """A 1,000-request open-loop report with this share of late sends, this service p99, these timeouts."""
+def report_of(late_share: float, service_p99: float, errors: int = 0, late: float = 0.05) -> tuple[Report, list]:
+    """A 1,000-request open-loop report with this share of sends `late` s late, this service p99, these timeouts."""
     outcomes = [Outcome(done_at=index / 1000, latency=service_p99 if index % 50 == 0 else 0.002,
                         status=None if index < errors else 200, error="timeout" if index < errors else None,
-                        late=0.05 if index % 1000 < late_share * 1000 else 0.0) for index in range(1000)]
+                        late=late if index % 1000 < late_share * 1000 else 0.0) for index in range(1000)]
     return summarize("step", "http://x", outcomes, 1.0, rate=1000, send_window=1.0), outcomes
 
 
@@ -107,12 +107,15 @@ def test_late_sends_are_the_clients_only_while_the_server_answers_within_the_slo
     timing_out = judge(*report_of(0.05, 0.004, errors=50), "p99", 0.05)
     assert timing_out.verdict.startswith("errors") and not timing_out.client_behind
     assert judge(*report_of(0.0, 0.004), "p99", 0.05).verdict == "meets"
+    # 5 % of sends 20 ms late, and the p99 with that lateness counted still within 50 ms: it meets.
+    assert judge(*report_of(0.05, 0.004, late=0.02), "p99", 0.05).verdict == "meets"
 
 
 def test_the_search_stops_within_its_time(knee_server):
     """(A Ctrl-C at any moment of a search: tests/test_interrupt.py.)"""
     started = time.monotonic()
-    bounded = run("--find-capacity", "--slo", "p99=50ms", "-d", "1", "--warmup", "0.2", "--max-seconds", "4",
+    # p99 within 150 ms: /knee's slow answers (0.2 s) still miss it, a busy machine's noise does not.
+    bounded = run("--find-capacity", "--slo", "p99=150ms", "-d", "1", "--warmup", "0.2", "--max-seconds", "4",
                   "/knee", "--url", knee_server.url)
     took = time.monotonic() - started
     assert bounded.returncode == 0 and "capacity:" in bounded.stdout

@@ -90,7 +90,7 @@ def test_a_killed_worker_leaves_the_sums(two_workers):
 
 
 @pytest.mark.parametrize(("psycogreen", "blocks_expected"), [("0", True), ("auto", False)])
-def test_loop_blocks_are_caught_where_they_happen(start_server, psycogreen, blocks_expected):
+def test_loop_blocks_are_caught_where_they_happen(start_server, seeded, psycogreen, blocks_expected):
     server = start_server("-k", "gevent", env={"PSYCOGREEN": psycogreen})
     try:
         in_flight = in_background(send_many, "GET", server.url("/sleep/postgres/?seconds=0.5"), [None] * 4)
