@@ -147,7 +147,7 @@ def test_host_killed_under_load(cluster, cluster_env, figure):
 
     out_after, figures = under_load(cluster, crash_host1, rate=200)
 
-    assert failed(figures) == 0, f"HAProxy retried the GETs on another host: {figures['statuses']}"
+    assert failed(figures) == 0, f"HAProxy retried the GETs on another host: {figures['statuses']} {figures['errors']}"
     assert haproxy_states(cluster_env)["host2"] == "UP" and haproxy_states(cluster_env)["host3"] == "UP"
     figure(f"host1's gunicorn killed (SIGKILL) under 200 GET/s: {figures['requests']} requests, "
            f"{failed(figures)} failed; HAProxy took it out in {out_after:.1f} s; "
