@@ -10,7 +10,7 @@ from flask import Flask
 import db
 import views
 from errors import register_error_handlers
-from greenflask import logs, metrics, requestid
+from greenflask import instrument, logs
 from greenflask.jsonprovider import OrjsonProvider
 from greenflask.settings import CONFIG_KEY, Settings
 
@@ -24,9 +24,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes)
     app.config[CONFIG_KEY] = settings
     db.init_app(app, settings)
-    if settings.metrics:
-        metrics.init_app(app)
-    requestid.init_app(app)
+    # The request id, and with METRICS on the request's duration, in one WSGI middleware.
+    app.wsgi_app = instrument.Instrumented(app.wsgi_app, timed=settings.metrics)
     register_error_handlers(app)
     app.register_blueprint(views.bp)
     return app

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import models
-from greenflask import green, health, metrics, settings
+from greenflask import green, health, settings
 from greenflask.engine import Engines
 from greenflask.logs import first_line
 from greenflask.settings import Settings
@@ -118,7 +118,6 @@ def close_session(error: BaseException | None = None) -> None:
         session.close()
     except Exception:  # a broken connection must not turn the answer into a 500
         log.warning("closing the session failed; its connection was discarded", exc_info=True)
-    metrics.POOL_CHECKED_OUT.set(engines().primary.pool.checkedout())
 
 
 @click.command("expire-idempotency-keys")

@@ -82,9 +82,9 @@ def post_worker_init(worker):
     when its open-file limit cannot hold them and its pool; the server check makes the
     engines (choosing the wait callback and logging the mode) and warns when the pools
     cannot fit in the server's max_connections; a gevent worker starts the event-loop
-    block detector."""
+    block detector, and its gauges are published every second (metrics.start_publishing)."""
     import db
-    from greenflask import connections, green, limits, loopblock
+    from greenflask import connections, green, limits, loopblock, metrics
 
     limit = connections.track(worker)
     needed, (soft, hard) = _open_files_needed(limit), limits.open_files()
@@ -95,6 +95,7 @@ def post_worker_init(worker):
             soft, limit, needed - limit - limits.SPARE, limits.SPARE, needed, hard,
         )
     db.engines(worker.wsgi).check_server(worker.cfg.workers)
+    metrics.start_publishing()
     if green.socket_is_green() and _settings.loop_block_warn_ms > 0:
         loopblock.start(_settings.loop_block_warn_ms)
 

@@ -1,9 +1,12 @@
 """The floor for this stack: raw WSGI + psycopg2 + psycogreen under gunicorn's gevent worker.
 
 No Flask, no SQLAlchemy: a small LIFO pool of autocommit connections and one query. It
-answers GET /todos with the same JSON body as the app, so the difference is the framework;
-/sleep/python/ and /sleep/postgres/ sleep first, like the app's, and a request that waits
-longer than DB_POOL_TIMEOUT for a connection answers 503, like the app's.
+answers the app's three measured routes with the same JSON bodies as the app, so the
+difference is the framework: GET /todos (a page), GET /todos/<id> (one row by id, the
+single-row floor TechEmpower's /db test measures) and GET /healthz (a JSON answer with no
+query: the raw WSGI JSON floor of TechEmpower's /json). /sleep/python/ and /sleep/postgres/
+sleep first, like the app's, and a request that waits longer than DB_POOL_TIMEOUT for a
+connection answers 503, like the app's.
 
     BENCH_DSN=... gunicorn bench.floor_wsgi:application -k gevent -w 2
 """
@@ -24,7 +27,9 @@ _TOOLS = Tools.from_env()
 DSN = _TOOLS.bench_dsn
 POOL_SIZE = _TOOLS.bench_pool_size
 POOL_TIMEOUT = Settings.from_env().pool_timeout
-QUERY = "SELECT id, title, done, priority FROM todos ORDER BY id LIMIT 100 OFFSET 0"
+COLUMNS = ("id", "title", "done", "priority", "due_at")
+PAGE = f"SELECT {', '.join(COLUMNS)} FROM todos ORDER BY id LIMIT 100 OFFSET 0"
+ONE = f"SELECT {', '.join(COLUMNS)} FROM todos WHERE id = %s"
 BUSY = b'{"error":{"status":503,"code":"pool_exhausted"}}\n'
 
 _idle: LifoQueue = LifoQueue()
@@ -43,17 +48,31 @@ def _connection():
     return _idle.get(timeout=POOL_TIMEOUT)
 
 
+def _answer(start_response, status: str, document) -> list[bytes]:
+    body = (json.dumps(document, separators=(",", ":"), default=_iso) + "\n").encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _iso(value):
+    return value.isoformat()
+
+
 def application(environ, start_response):
-    """GET /todos; /sleep/python/?seconds=S sleeps first (gevent's sleep: the worker is
-    patched) and /sleep/postgres/?seconds=S has the server sleep on the request's
-    connection, as the app's routes do, so a burst of sleeps has a floor too."""
+    """GET /todos, /todos/<id> and /healthz; /sleep/python/?seconds=S sleeps first
+    (gevent's sleep: the worker is patched) and /sleep/postgres/?seconds=S has the server
+    sleep on the request's connection, as the app's routes do, so a burst of sleeps has a
+    floor too."""
     path = environ["PATH_INFO"]
+    if path == "/healthz":
+        return _answer(start_response, "200 OK", {"status": "ok"})
+    one = path[len("/todos/"):] if path.startswith("/todos/") else None
+    if one is not None and not one.isdigit() or one is None and path not in ("/todos", "/sleep/python/",
+                                                                               "/sleep/postgres/"):
+        return _answer(start_response, "404 Not Found", {"error": "not found"})
     seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("seconds", ["5"])[0])
     if path == "/sleep/python/":
         time.sleep(seconds)
-    elif path not in ("/todos", "/sleep/postgres/"):
-        start_response("404 Not Found", [("Content-Type", "application/json")])
-        return [b'{"error":"not found"}\n']
     try:
         connection = _connection()
     except Empty:
@@ -63,11 +82,16 @@ def application(environ, start_response):
         with connection.cursor() as cursor:
             if path == "/sleep/postgres/":
                 cursor.execute("SELECT pg_sleep(%s)", (seconds,))
-            cursor.execute(QUERY)
+            if one is None:
+                cursor.execute(PAGE)
+            else:
+                cursor.execute(ONE, (int(one),))
             rows = cursor.fetchall()
     finally:
         _idle.put(connection)
-    todos = [{"id": i, "title": t, "done": d, "priority": p} for i, t, d, p in rows]
-    body = (json.dumps({"todos": todos, "limit": 100, "offset": 0}, separators=(",", ":")) + "\n").encode()
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return [body]
+    todos = [dict(zip(COLUMNS, row)) for row in rows]  # noqa: B905
+    if one is None:
+        return _answer(start_response, "200 OK", {"todos": todos, "limit": 100, "offset": 0})
+    if not todos:
+        return _answer(start_response, "404 Not Found", {"error": "not found"})
+    return _answer(start_response, "200 OK", todos[0])

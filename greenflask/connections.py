@@ -21,6 +21,7 @@ def track(worker) -> int:
     limit = getattr(worker, "worker_connections", 1)  # only the async workers have one
     stats.update(limit=limit, workers=worker.cfg.workers, keepalive=worker.cfg.keepalive)
     metrics.CONNECTIONS_LIMIT.set(limit)
+    metrics.read_at_publish(metrics.CONNECTIONS_OPEN, lambda: stats["open"])
     handle = worker.handle
 
     @functools.wraps(handle)
@@ -38,9 +39,7 @@ def track(worker) -> int:
 def _opened() -> None:
     stats["open"] += 1
     stats["peak"] = max(stats["peak"], stats["open"])
-    metrics.CONNECTIONS_OPEN.inc()
 
 
 def _closed() -> None:
     stats["open"] -= 1
-    metrics.CONNECTIONS_OPEN.dec()

@@ -172,6 +172,7 @@ class Engines:
         self._replica = build_engine(replica_url, self.settings) if replica_url else self._primary
         self._pid = os.getpid()
         metrics.POOL_SIZE.set(self._primary.pool.size())
+        metrics.read_at_publish(metrics.POOL_CHECKED_OUT, self._primary.pool.checkedout)
         log.info(
             "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss reads=%s",
             self._pid,

@@ -9,6 +9,8 @@ The request id lives in a context variable, which greenlet gives each greenlet i
 import logging
 from contextvars import ContextVar
 
+from greenflask import requestid
+
 FORMAT = "[%(process)d] [%(levelname)s] %(name)s: %(message)s%(request_suffix)s"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(process)d %(request_id)s"
@@ -73,7 +75,7 @@ def json_access_logger():
             self.access_log.info(json.dumps({
                 "time": time.strftime(TIME_FORMAT), "remote": atoms["h"], "method": atoms["m"], "path": atoms["U"],
                 "query": atoms["q"], "status": int(atoms["s"]), "bytes": atoms["B"],
-                "seconds": float(atoms["L"]), "request_id": environ.get("greenflask.request_id"),
+                "seconds": float(atoms["L"]), "request_id": environ.get(requestid.ENVIRON_KEY),
                 "pid": int(atoms["p"].strip("<>")),
             }))
 

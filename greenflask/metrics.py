@@ -11,9 +11,11 @@ and it does the multiprocess bookkeeping (which gauges sum over live workers onl
 would otherwise be the hard part.
 """
 
+import threading
 import time
+from collections.abc import Callable
 
-from flask import Flask, request
+import gevent
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -24,6 +26,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from greenflask import green
 
 REQUEST_DURATION = Histogram(
     "greenflask_http_request_duration_seconds",
@@ -44,7 +48,7 @@ CONNECTIONS_LIMIT = Gauge(
 )
 POOL_CHECKED_OUT = Gauge(
     "greenflask_db_pool_checked_out",
-    "Pooled connections in use, as of the end of each worker's last request.",
+    "Pooled connections in use, as each worker last published them (every PUBLISH_SECONDS).",
     multiprocess_mode="livesum",
 )
 POOL_SIZE = Gauge("greenflask_db_pool_size", "Pool size (pool_size) per worker, summed.", multiprocess_mode="livesum")
@@ -65,10 +69,50 @@ LOOP_BLOCKED_SECONDS = Histogram(
 )
 
 
-def init_app(app: Flask) -> None:
-    app.before_request(_request_started)
-    app.after_request(_request_answered)
-    app.teardown_request(_request_ended)
+# The gauges of what a worker already knows (requests in flight, client connections open,
+# connections checked out) are read from it, not written on every change: in multiprocess
+# mode each write is a write to the worker's file, four of them a request. Each worker
+# writes them out every PUBLISH_SECONDS, and the worker that answers a scrape first.
+PUBLISH_SECONDS = 1.0
+_readings: dict[Gauge, Callable[[], float]] = {}
+
+
+class Tally:
+    """A plain count, for a gauge read at publish time."""
+
+    def __init__(self):
+        self.count = 0
+
+
+in_flight = Tally()  # greenflask/instrument.py counts the requests in flight
+
+
+def read_at_publish(gauge: Gauge, reading: Callable[[], float]) -> None:
+    """`gauge` is set to `reading()` at each publish (replacing an earlier reading)."""
+    _readings[gauge] = reading
+
+
+read_at_publish(IN_FLIGHT, lambda: in_flight.count)
+
+
+def publish() -> None:
+    for gauge, reading in _readings.items():
+        gauge.set(reading())
+
+
+def start_publishing(seconds: float = PUBLISH_SECONDS) -> None:
+    """In each gunicorn worker: publish every `seconds`, in a greenlet of a gevent worker's
+    loop, in a daemon thread of a sync worker (whose one thread is in a request or in accept)."""
+
+    def loop() -> None:
+        while True:
+            publish()
+            time.sleep(seconds)
+
+    if green.socket_is_green():
+        gevent.spawn(loop)
+    else:
+        threading.Thread(target=loop, name="greenflask-metrics", daemon=True).start()
 
 
 # One histogram child per (route, method, status), looked up in a plain dict: the library's
@@ -76,30 +120,19 @@ def init_app(app: Flask) -> None:
 _durations_by_labels: dict[tuple, Histogram] = {}
 
 
-def _request_started() -> None:
-    request.environ["greenflask.started"] = time.perf_counter()
-    IN_FLIGHT.inc()
-
-
-def _request_answered(response):
-    environ = request.environ
-    rule = request.url_rule
-    key = (rule.rule if rule else "unmatched", environ["REQUEST_METHOD"], response.status_code)
+def observe(route: str, method: str, status: str, seconds: float) -> None:
+    """One answered request (greenflask/instrument.py)."""
+    key = (route, method, status)
     child = _durations_by_labels.get(key)
     if child is None:
-        child = _durations_by_labels.setdefault(key, REQUEST_DURATION.labels(key[0], key[1], str(key[2])))
-    child.observe(time.perf_counter() - environ["greenflask.started"])
-    return response
-
-
-def _request_ended(error: BaseException | None = None) -> None:
-    if "greenflask.started" in request.environ:
-        IN_FLIGHT.dec()
+        child = _durations_by_labels.setdefault(key, REQUEST_DURATION.labels(route, method, status))
+    child.observe(seconds)
 
 
 def exposition(multiprocess_dir: str | None) -> tuple[bytes, str]:
     """The text format for GET /metrics: every live worker's values when under gunicorn
     (PROMETHEUS_MULTIPROC_DIR set), else this process's."""
+    publish()
     if multiprocess_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

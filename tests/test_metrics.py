@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT, burst, in_background, send_many, wait_for_new_worker
 from prometheus_client.parser import text_string_to_metric_families
 
+from greenflask import metrics
+
 
 def scrape(server) -> dict:
     """Every sample of one scrape: {(name, frozenset of labels): value}."""
@@ -53,6 +55,8 @@ def test_a_scrape_sums_both_workers_whoever_answers(two_workers, seeded):
     assert counts == {200}, "every scrape, whichever worker answers it, counts all 200"
     samples = scrape(two_workers)
     assert value(samples, "greenflask_db_pool_size") == 10, "2 workers x DB_POOL_SIZE 5"
+    time.sleep(2 * metrics.PUBLISH_SECONDS)  # the other worker publishes its gauges this often
+    samples = scrape(two_workers)
     assert value(samples, "greenflask_http_requests_in_flight") == 1, "only the scrape itself"
 
 
@@ -71,7 +75,7 @@ def test_pool_timeouts_are_counted_and_checked_out_returns_to_0(two_workers):
     before = value(scrape(two_workers), "greenflask_db_pool_timeouts_total")
     answers = send_many("GET", two_workers.url("/sleep/postgres/?seconds=1"), [None] * 30)
     statuses = [answer.status for answer in answers]
-    time.sleep(0.5)
+    time.sleep(2 * metrics.PUBLISH_SECONDS)  # each worker publishes its gauges this often
     samples = scrape(two_workers)
     assert statuses.count(503) >= 10
     assert value(samples, "greenflask_db_pool_timeouts_total") - before == statuses.count(503)
