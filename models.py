@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from greenflask.engine import fetch
+
 TITLE_MAX_LENGTH = 60
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 PRIORITY_MIN, PRIORITY_MAX = 0, 9
@@ -86,27 +88,26 @@ _ONE_SQL = _driver_sql(select(todos).where(todos.c.id == bindparam("id")))
 _SLEEP_SQL = _driver_sql(select(func.pg_sleep(bindparam("seconds"))))
 
 
-def _read(session: Session, sql: str, parameters: dict | None = None) -> list[dict]:
-    """Rows as plain dicts for JSON, fetched in one call. Every row has exactly these keys
-    (zip() without strict=: see BENCHMARKS.md)."""
-    result = session.connection().exec_driver_sql(sql, parameters or {})
-    keys = tuple(result.keys())
-    return [dict(zip(keys, row)) for row in result.all()]  # noqa: B905
+def read_rows(session: Session, sql: str, parameters: dict | None = None) -> list[dict]:
+    """Rows as plain dicts for JSON, fetched in one call on the session's connection
+    (engine.fetch: no execution context or result object per read)."""
+    keys, rows = fetch(session.connection(), sql, parameters or {})
+    return [dict(zip(keys, row)) for row in rows]  # noqa: B905 (every row has exactly these keys)
 
 
 def all_todos(session: Session) -> list[dict]:
     """Every todo by id, as the original demo returned after each sleep."""
-    return _read(session, _ALL_SQL)
+    return read_rows(session, _ALL_SQL)
 
 
 def list_todos(session: Session, limit: int, offset: int, done: bool | None = None) -> list[dict]:
     if done is None:
-        return _read(session, _PAGE_SQL, {"limit": limit, "offset": offset})
-    return _read(session, _PAGE_BY_DONE_SQL, {"limit": limit, "offset": offset, "done": done})
+        return read_rows(session, _PAGE_SQL, {"limit": limit, "offset": offset})
+    return read_rows(session, _PAGE_BY_DONE_SQL, {"limit": limit, "offset": offset, "done": done})
 
 
 def get_todo(session: Session, todo_id: int) -> dict | None:
-    rows = _read(session, _ONE_SQL, {"id": todo_id})
+    rows = read_rows(session, _ONE_SQL, {"id": todo_id})
     return rows[0] if rows else None
 
 

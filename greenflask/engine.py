@@ -15,7 +15,7 @@ import time
 
 import psycopg2
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 
 from greenflask import embedded, green, health, metrics, sizing
@@ -136,6 +136,28 @@ def _select_one(dbapi_connection) -> None:
         cursor.close()
         if not dbapi_connection.closed:
             dbapi_connection.autocommit = False
+
+
+def fetch(connection: Connection, sql: str, parameters: dict) -> tuple[list[str], list[tuple]]:
+    """A read's column names and rows, on `connection`'s own DBAPI cursor.
+
+    `exec_driver_sql` makes an execution context and a result object for every statement:
+    13 % of a worker's busy time on one-row reads (BENCHMARKS.md, "Speed"), for features a
+    fixed SELECT turned into dicts does not use. What it must keep is kept: a psycopg2 error
+    goes through the Connection's own handler, so it is raised as SQLAlchemy's `DBAPIError`
+    (errors.py answers it), and a disconnect invalidates the connection and the pool as for
+    any statement (`connection_invalidated`, which `db.read()` retries on). That handler is
+    SQLAlchemy's private method: SQLAlchemy is pinned exactly, and tests/test_db.py fails
+    if it changes.
+    """
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(sql, parameters)
+        return [column[0] for column in cursor.description], cursor.fetchall()
+    except psycopg2.Error as error:
+        connection._handle_dbapi_exception(error, sql, parameters, cursor, None)
+    finally:
+        cursor.close()
 
 
 class Engines:

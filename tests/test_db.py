@@ -4,12 +4,15 @@ process, read-only sessions handing their connection back transactional."""
 import dataclasses
 import os
 
+import psycopg2.errors
 import psycopg2.extensions
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
 import db
+import models
 from app import create_app
 from greenflask import embedded, green
 from greenflask.settings import Settings
@@ -112,4 +115,29 @@ def test_one_kind_of_session_per_request(app, first, then):
         assert first() is session
         with pytest.raises(RuntimeError, match="already opened a"):
             then()
+        db.close_session()
+
+
+def test_a_read_on_a_terminated_connection_is_retried_on_a_new_one(app, seeded):
+    """models' reads run on the DBAPI cursor (engine.fetch), and still get SQLAlchemy's
+    disconnect handling: the error is a DBAPIError with connection_invalidated, which
+    db.read() retries once on a new connection."""
+    with app.app_context():
+        first = db.read_session().connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with seeded.connect() as conn:
+            assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first}) is True
+        assert db.read(models.get_todo, 1)["id"] == 1
+        second = db.read_session().connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        db.close_session()
+    assert second != first
+
+
+def test_a_failed_read_is_sqlalchemys_error_and_the_next_works(app, seeded):
+    with app.app_context():
+        with pytest.raises(ProgrammingError) as raised:
+            db.read(models.read_rows, "SELECT * FROM no_such_table")
+        assert isinstance(raised.value.orig, psycopg2.errors.UndefinedTable)
+        assert not raised.value.connection_invalidated
+        db.close_session()
+        assert db.read(models.get_todo, 2)["id"] == 2
         db.close_session()
