@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test cluster lint bench cluster-bench bench-client clean
+.PHONY: demo test cluster lint bench profile cluster-bench bench-client clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench: $(VENV)/.installed
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.suite
 	$(PY) -m bench.scale
+
+# A flame graph of one worker under load (bench/profile.py; ARGS="--route /todos --seconds 20").
+profile: $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench.profile $(ARGS)
 
 cluster-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
