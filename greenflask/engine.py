@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import weakref
 
 import psycopg2
 from sqlalchemy import create_engine, event, text
@@ -160,6 +161,19 @@ def fetch(connection: Connection, sql: str, parameters: dict) -> tuple[list[str]
         cursor.close()
 
 
+# Every Engines of this process, so that a fork marks them all as made elsewhere: a flag
+# set at fork instead of an os.getpid() system call on every request (BENCHMARKS.md, "Speed").
+_every_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for engines in list(_every_engines):
+        engines._made_here = False
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class Engines:
     """One app's engines, made once per process (after fork) from the app's settings: the
     primary's, and a replica's for read-only sessions when DATABASE_READ_URL is set."""
@@ -168,18 +182,19 @@ class Engines:
         self.settings = settings
         self._primary: Engine | None = None
         self._replica: Engine | None = None
-        self._pid: int | None = None
+        self._made_here = False  # made in this process; a fork sets it back (_after_fork)
+        _every_engines.add(self)
 
     @property
     def primary(self) -> Engine:
-        if self._pid != os.getpid():
+        if not self._made_here:
             self._make()
         return self._primary
 
     @property
     def reads(self) -> Engine:
         """The replica's engine (its own pool, same settings), or the primary's without one."""
-        if self._pid != os.getpid():
+        if not self._made_here:
             self._make()
         return self._replica
 
@@ -192,12 +207,12 @@ class Engines:
         self._primary = build_engine(embedded.database_url(self.settings), self.settings)
         replica_url = self.settings.database_read_url
         self._replica = build_engine(replica_url, self.settings) if replica_url else self._primary
-        self._pid = os.getpid()
+        self._made_here = True
         metrics.POOL_SIZE.set(self._primary.pool.size())
         metrics.read_at_publish(metrics.POOL_CHECKED_OUT, self._primary.pool.checkedout)
         log.info(
             "worker %d: mode=%s wait_callback=%s pool_size=%d max_overflow=%d pool_timeout=%ss reads=%s",
-            self._pid,
+            os.getpid(),
             "gevent" if green.socket_is_green() else "sync",
             "on" if green_callback else "off",
             self.settings.pool_size,
